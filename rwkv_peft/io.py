@@ -1,0 +1,74 @@
+"""Reading and writing tensor files safely.
+
+Loads never run pickle code (`weights_only=True`: a checkpoint is untrusted input), and
+saves are atomic (write a temporary file beside the target, then rename), so an
+interrupted write never leaves a half-written file under the real name.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .errors import RWKVPeftError
+
+
+def load_tensor_file(path: str | os.PathLike, what: str = "checkpoint") -> dict:
+    """torch.load with weights_only=True (memory-mapped when the format allows), clear errors."""
+    path = Path(path)
+    if not path.exists():
+        raise RWKVPeftError(f"{what} not found: {path}")
+    if path.is_dir():
+        raise RWKVPeftError(f"{what} path is a directory, expected a .pth file: {path}")
+    if path.stat().st_size == 0:
+        raise RWKVPeftError(f"{what} {path} is empty (0 bytes); re-download or re-create it")
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e) and "zip" not in str(e):
+                raise
+            # the legacy (non-zip) format cannot be memory-mapped
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RWKVPeftError(
+            f"{what} {path} holds Python objects other than tensors and was not loaded "
+            f"(weights_only=True refuses code in files: {first[:160]}); "
+            "re-save it as a plain dict of tensors") from None
+    except Exception as e:  # torch raises many types for damaged files (IndexError, EOFError, ...)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RWKVPeftError(
+            f"{what} {path} is not a readable PyTorch file (truncated or corrupt?): {first[:160]}") from None
+    if not isinstance(obj, dict):
+        raise RWKVPeftError(f"{what} {path} holds a {type(obj).__name__}, expected a dict of tensors")
+    return obj
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call write(file) on a temporary file beside path, fsync, then rename it over path."""
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    if not directory.is_dir():
+        raise RWKVPeftError(f"output directory does not exist: {directory}")
+    if not os.access(directory, os.W_OK):
+        raise RWKVPeftError(f"output directory is not writable: {directory}")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_tensor_file_atomic(obj, path: str | os.PathLike) -> None:
+    """torch.save, atomically (see atomic_write)."""
+    atomic_write(path, lambda f: torch.save(obj, f))

@@ -1,0 +1,109 @@
+"""Folding an adapter into a plain official checkpoint, and checking the result.
+
+Each layer's delta comes from the same method object that trained it (`method.delta`),
+computed in fp32 and cast to the base dtype once.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from tqdm import tqdm
+
+from ..errors import RWKVPeftError
+from ..model.load import load_model
+from .adapter_file import Adapter
+from .methods import make_method
+
+# relative tolerance (max |logit diff| / max |logit|) of verify, by the dtype the merge is stored in
+TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+
+
+@torch.no_grad()
+def merge_adapter(base_sd: Mapping[str, torch.Tensor], adapter: Adapter, *, progress: bool = False) -> dict:
+    """base + every layer's delta (and the trained whole tensors), in the base's dtypes and keys."""
+    merged = dict(base_sd)
+    layers = tqdm(adapter.layers.items(), desc="merging", unit="layer", disable=not progress)
+    for module, (name, hparams) in layers:
+        key = f"{module}.weight"
+        W = base_sd[key]
+        method = make_method(name, W.shape[1], W.shape[0], **hparams)
+        method.load_tensors(adapter.tensors.get(module, {}), f"{adapter.source} at {module}")
+        merged[key] = (W.float() + method.delta(W.float())).to(W.dtype)
+    for key, t in adapter.parts.items():
+        merged[key] = t.to(base_sd[key].dtype)
+    return merged
+
+
+def probe_tokens(vocab_size: int, length: int = 64, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab_size, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def verify_merge(base_sd, adapter: Adapter, merged_sd, tokens: torch.Tensor) -> tuple[float, float]:
+    """Run base+adapter (unmerged) and the merged checkpoint in fp32 on tokens.
+
+    Returns (max |logit difference|, max |logit|).
+    """
+    adapted = load_model(base_sd, adapter=adapter, dtype=torch.float32)
+    expected = adapted(tokens)
+    del adapted
+    merged = load_model(merged_sd, dtype=torch.float32)
+    got = merged(tokens)
+    return (got - expected).abs().max().item(), expected.abs().max().item()
+
+
+def check_merge(base_sd, adapter: Adapter, merged_sd, dtype: torch.dtype) -> str:
+    """verify_merge against the dtype's tolerance: a report line, or RWKVPeftError beyond it."""
+    tokens = probe_tokens(base_sd["emb.weight"].shape[0])
+    diff, scale = verify_merge(base_sd, adapter, merged_sd, tokens)
+    rel, tol = diff / max(scale, 1e-12), TOLERANCE.get(dtype, 5e-2)
+    line = (f"verify: max |logit difference| merged vs base+adapter = {diff:.3g} "
+            f"({rel:.2g} of max |logit| {scale:.3g}; tolerance {tol:g} for {str(dtype).removeprefix('torch.')})")
+    if not rel <= tol:
+        raise RWKVPeftError(line + " -- refusing to write the merged file")
+    return line
+
+
+def newest_adapter(root: str = "out") -> str:
+    """The most recently written adapter file under root (what a bare `merge.py` merges)."""
+    from pathlib import Path
+
+    found = sorted(Path(root).rglob("*.safetensors"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise RWKVPeftError(f"no adapter (*.safetensors) found under {root}/; train one first, "
+                            "or pass --adapter FILE")
+    return str(found[-1])
+
+
+def merge_files(base: str | None, adapter_path: str, output: str | None, *, verify: bool = True,
+                lora_alpha: float | None = None, log=print) -> str:
+    """Merge adapter_path into base and write output atomically; returns the output path.
+
+    base None: the base recorded in the adapter. output None: merged.pth beside the adapter.
+    """
+    from pathlib import Path
+
+    from ..io import load_tensor_file, save_tensor_file_atomic
+    from .adapter_file import check_base, read_adapter
+
+    adapter = read_adapter(adapter_path, lora_alpha=lora_alpha)
+    if base is None:
+        base = (adapter.base or {}).get("path")
+        if not base:
+            raise RWKVPeftError(f"{adapter_path} does not record its base checkpoint; pass --base FILE")
+    output = output or str(Path(adapter_path).with_name("merged.pth"))
+    for given, flag in ((base, "--base"), (adapter_path, "--adapter")):
+        if Path(output).resolve() == Path(given).resolve():
+            raise RWKVPeftError(f"--output {output} is the same file as {flag}; choose another output path")
+    log(f"base:    {base}\nadapter: {adapter_path} ({len(adapter.layers)} adapted layers, "
+        f"{len(adapter.parts)} whole tensors)")
+    base_sd = load_tensor_file(base)
+    check_base(adapter, base_sd, base)
+    merged = merge_adapter(base_sd, adapter, progress=True)
+    if verify:
+        log(check_merge(base_sd, adapter, merged, base_sd["emb.weight"].dtype))
+    save_tensor_file_atomic(merged, output)
+    log(f"wrote {output}")
+    return output
