@@ -1,36 +1,43 @@
 """Tokenizers: the RWKV World vocabulary and Hugging Face `tokenizers` JSON files.
 
-Both kinds share one small interface (`Tokenizer`): `encode`, `decode` (never raises on
-invalid UTF-8: bad bytes become U+FFFD), `decode_bytes` (exact bytes, for streaming output
-token by token), `vocab_size` and `eos_id`. `load_tokenizer(spec)` picks one from a string.
+Both share one small interface (`Tokenizer`): `encode`, `decode` (never raises on invalid
+UTF-8: bad bytes become U+FFFD), `decode_bytes` (exact bytes, for streaming output token by
+token), `vocab_size` and `eos_id`. `load_tokenizer(spec)` picks one from a string.
 
-World encoding is greedy longest match over the UTF-8 bytes (SPEC section 3). The encoder
-here is pure Python: text is split by a regex into small pieces (a word with its leading
-space, a run of whitespace, a run of punctuation, one UTF-8 character), and the ids of each
-piece are cached, keyed by the piece plus the first byte of the following piece. A piece's
-cached ids are reused only if no vocab entry could extend across its end (checked once per
-key with a bisect over the sorted vocab); otherwise the unsure tail (< 128 bytes) is carried
-into the next piece. The result is exactly the greedy longest match, just computed mostly
-from dictionary hits.
+World encoding is greedy longest match over UTF-8 bytes (SPEC section 3). `WorldTokenizer`
+encodes `str` with the Rust library pyrwkv-tokenizer when it is installed, and otherwise
+with the pure-Python encoder below, which is also always used for `encode_bytes` input that
+is not valid UTF-8 (the library accepts only `str`). Decoding is always done here (the
+library decodes id 0 as "\\x00" and panics on invalid UTF-8).
 
-Decision (measured with `python bench/bench_tokenizer.py`, 4 MB mixed corpus, 1 core):
-own implementation, no Rust library.
-  this module             ~9 MB/s   identical ids; builds in ~0.3 s, ~25 MB
-  pyrwkv-tokenizer 0.9.1  ~16 MB/s  identical ids on str input; str only (no bytes),
-                                    decodes id 0 as "\\x00", panics on invalid UTF-8
-  rwkv-tokenizer 0.5.2    ~15 MB/s  same code base and behaviour, older release
-  rwkv TRIE_TOKENIZER     ~1.5 MB/s the reference; 2.3 s and ~300 MB to build
-The libraries are under 2x faster on realistic text and cannot encode arbitrary bytes, so
-they would need this implementation beside them anyway; tokenizing is not the bottleneck
-of fine-tuning. Not depending on them keeps one code path with exactly known behaviour.
+Decision, from `python bench/bench_tokenizer.py` (4 MB mixed corpus, best of 3, one thread,
+Python 3.11 x86_64 on a shared 2-core machine, so speeds are rough; all ids checked against
+the official rwkv TRIE_TOKENIZER on the whole corpus and edge cases):
+
+    implementation               encode MB/s  build   memory   identical ids
+    rwkv TRIE_TOKENIZER (ref.)    1.6         3.1 s   309 MB   (reference)
+    this module, pure Python      4.8         0.4 s    30 MB   yes, also for invalid UTF-8
+    pyrwkv-tokenizer 0.9.1       62           0.3 s   243 MB   yes (accepts str only)
+    rwkv-tokenizer 0.5.2         54           0.4 s   243 MB   yes (accepts str only)
+
+pyrwkv-tokenizer is used when importable: it is maintained (0.9.1, March 2025), has wheels
+for CPython 3.11 on x86_64 and aarch64, gave identical ids here and in a 267k-string fuzz
+run, and is about 13x faster. rwkv-tokenizer (same author) is not used: its one newer
+release, 0.11.0, has a wheel only for CPython 3.10 x86_64. The pure-Python encoder stays
+as the fallback; it is needed
+for bytes input anyway. pyrwkv-tokenizer is checked on a probe string when loaded (it
+panics on some valid vocab files) and skipped with a warning if it fails or disagrees.
+Pass `backend="python"` to avoid its ~240 MB per process.
+
+Pure-Python encoder: a dict from every prefix (2+ bytes) of every token to the id of the
+longest token that is a prefix of it. At each position the match is extended one byte at a
+time while the bytes are still such a prefix; the last value seen is the longest token.
 """
 
 from __future__ import annotations
 
 import ast
-import json
-import re
-from itertools import accumulate, islice
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Iterable, Protocol, Sequence, runtime_checkable
@@ -72,8 +79,8 @@ class Tokenizer(Protocol):
 def find_world_vocab() -> Path:
     """Path of the World vocab file shipped inside the installed `rwkv` package.
 
-    Uses importlib.resources, so `rwkv.model` (which has import-time side effects) is never
-    imported; only the empty `rwkv/__init__.py` runs.
+    Uses importlib.resources, so only the (empty) `rwkv/__init__.py` runs, never
+    `rwkv.model`, which has import-time side effects.
     """
     try:
         entry = resources.files("rwkv").joinpath(WORLD_VOCAB_FILE)
@@ -83,15 +90,15 @@ def find_world_vocab() -> Path:
         pass
     raise RWKVPeftError(
         f"RWKV World vocab file {WORLD_VOCAB_FILE} not found: run `pip install rwkv`, "
-        "or pass vocab_file= pointing at the file"
+        "or pass vocab_file= with the path of the file"
     )
 
 
 def _parse_literal(lit: str) -> bytes | None:
-    """Bytes of one Python str/bytes literal from the vocab file, or None if not one.
+    """Bytes of one Python str/bytes literal from the vocab file, or None if it is not one.
 
-    The common case (a quoted str with no backslash) is sliced directly; anything else goes
-    through ast.literal_eval, which only accepts literals and never runs code.
+    A quoted str without backslashes (most lines) is sliced directly; everything else goes
+    through ast.literal_eval, which accepts only literals and never runs code.
     """
     if len(lit) >= 2 and lit[0] == lit[-1] and lit[0] in "'\"" and "\\" not in lit:
         inner = lit[1:-1]
@@ -99,20 +106,21 @@ def _parse_literal(lit: str) -> bytes | None:
             return inner.encode("utf-8")
     try:
         value = ast.literal_eval(lit)
-    except (ValueError, SyntaxError, MemoryError, RecursionError):
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
         return None
     if isinstance(value, str):
-        return value.encode("utf-8")
-    if isinstance(value, bytes):
-        return value
-    return None
+        try:
+            return value.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate such as '\ud800'
+            return None
+    return value if isinstance(value, bytes) else None
 
 
 def parse_world_vocab(text: str, source: str = "vocab") -> dict[int, bytes]:
     """Parse `<id> <str or bytes literal> <byte length>` lines into {id: token bytes}.
 
-    Checks every line (literal, stated length, id range, duplicates) and raises
-    RWKVPeftError naming the source and line number on the first problem.
+    Every line is checked (literal, stated length, id, duplicates); the first problem
+    raises RWKVPeftError naming `source` and the line number.
     """
     vocab: dict[int, bytes] = {}
     seen: set[bytes] = set()
@@ -130,13 +138,13 @@ def parse_world_vocab(text: str, source: str = "vocab") -> dict[int, bytes]:
             raise RWKVPeftError(f"{where}: id and length must be integers, got {line[:60]!r}") from None
         token = _parse_literal(line[first + 1 : last])
         if token is None:
-            raise RWKVPeftError(f"{where}: token is not a Python str or bytes literal: {line[:60]!r}")
+            raise RWKVPeftError(f"{where}: not a Python str or bytes literal: {line[:60]!r}")
         if len(token) != length:
             raise RWKVPeftError(f"{where}: token is {len(token)} bytes but the line says {length}")
-        if not 0 < idx < WORLD_VOCAB_SIZE:
-            raise RWKVPeftError(f"{where}: id {idx} outside 1..{WORLD_VOCAB_SIZE - 1}")
+        if idx < 1:
+            raise RWKVPeftError(f"{where}: id {idx} must be 1 or more (0 is end-of-text)")
         if idx in vocab or token in seen:
-            raise RWKVPeftError(f"{where}: duplicate id or token {token!r}")
+            raise RWKVPeftError(f"{where}: duplicate id {idx} or token {token!r}")
         vocab[idx] = token
         seen.add(token)
     if not vocab:
@@ -147,18 +155,14 @@ def parse_world_vocab(text: str, source: str = "vocab") -> dict[int, bytes]:
 # ----------------------------------------------------------------------------------------
 # World tokenizer
 
-# Splits bytes into pieces; every byte belongs to exactly one alternative, so the pieces
-# always cover the input. Piece boundaries only affect speed, never the ids.
-_PIECE_RE = re.compile(
-    rb" ?[A-Za-z]+"  # a word with its leading space
-    rb"| ?[0-9]+"
-    rb"| ?[^\sA-Za-z0-9\x80-\xff]+"  # punctuation, '_', control bytes
-    rb"|\s+"
-    rb"|[\xc0-\xff][\x80-\xbf]{0,3}"  # one UTF-8 character (or a malformed lead byte)
-    rb"|[\x80-\xbf]"  # a stray continuation byte
+# Checked against the pure-Python encoder before the Rust library is trusted with a file.
+_PROBE = (
+    "The Eiffel tower is in the city of Paris.\n\nUser: hi\n\nAssistant: 你好！今天是美好的一天。"
+    "日本語のテキスト Привет, мир! 😀👨‍👩‍👧 \t\r\n" + " " * 130 + "def f(x):\n    return x**2  # ok\n"
+    "\x00\x7f\u00e9\u3000\U0010ffff" + "-" * 90
 )
 
-_CACHE_LIMIT = 1 << 17  # cached pieces per tokenizer; cleared when full
+_BACKENDS = ("auto", "python", "pyrwkv")
 
 
 class WorldTokenizer:
@@ -166,13 +170,20 @@ class WorldTokenizer:
 
     id 0 is end-of-text (not in the vocab file) and decodes to nothing. All 256 single
     bytes are tokens, so any bytes round-trip exactly through encode_bytes/decode_bytes.
-    Thread-safe for concurrent encode calls (the piece cache is a plain dict).
+
+    backend: "auto" (pyrwkv-tokenizer for str input if installed, else pure Python),
+    "python", or "pyrwkv" (require the library). `self.backend` says which is in use.
+    Instances pickle by file path (the library's object cannot be pickled), so they can
+    be sent to DataLoader worker processes.
     """
 
     eos_id = 0
-    vocab_size = WORLD_VOCAB_SIZE
 
-    def __init__(self, vocab_file: str | Path | None = None):
+    def __init__(self, vocab_file: str | Path | None = None, backend: str = "auto"):
+        if backend not in _BACKENDS:
+            raise RWKVPeftError(f"unknown World tokenizer backend {backend!r}: use one of {_BACKENDS}")
+        # for pickling: rebuilt from the file in the receiving process
+        self._args = (None if vocab_file is None else str(Path(vocab_file).resolve()), backend)
         path = Path(vocab_file) if vocab_file is not None else find_world_vocab()
         try:
             text = path.read_text(encoding="utf-8")
@@ -180,115 +191,128 @@ class WorldTokenizer:
             raise RWKVPeftError(f"cannot read World vocab file {path}: {e}") from None
         self.vocab_file = path
         vocab = parse_world_vocab(text, str(path))
-        tokens = set(vocab.values())
-        missing = [b for b in range(256) if bytes([b]) not in tokens]
+        to_id = {tok: i for i, tok in vocab.items()}
+        missing = [c for c in range(256) if bytes([c]) not in to_id]
         if missing:
-            raise RWKVPeftError(
-                f"{path}: not a World vocab, single bytes {missing[:5]} are not tokens"
-            )
-        self._id_to_bytes: dict[int, bytes] = {0: b""}
-        self._id_to_bytes.update(vocab)
-        self._bytes_to_id: dict[bytes, int] = {tok: i for i, tok in vocab.items()}
-        # Every prefix (2+ bytes) of every token -> that token's id, or 0 if the prefix is
-        # not itself a token (~116k keys, ~8 MB). The encoder walks forward through it.
-        prefixes: dict[bytes, int] = {}
-        for tok in self._bytes_to_id:
-            for n in range(2, len(tok)):
-                prefixes.setdefault(tok[:n], 0)
-        for tok, i in self._bytes_to_id.items():
-            if len(tok) > 1:
-                prefixes[tok] = i
-        self._prefixes = prefixes
-        self._byte_ids: list[int] = [self._bytes_to_id[bytes([c])] for c in range(256)]
-        self._cache: dict[bytes, tuple[list[int], int]] = {}
+            raise RWKVPeftError(f"{path}: not a World vocab, single bytes {missing[:5]} are not tokens")
+
+        self.max_id = max(vocab)
+        self.vocab_size = max(WORLD_VOCAB_SIZE, self.max_id + 1)
+        self._to_bytes: dict[int, bytes] = {0: b""}
+        self._to_bytes.update(vocab)
+        self._to_id = to_id
+        self._length = [0] * self.vocab_size  # token id -> byte length
+        for i, tok in vocab.items():
+            self._length[i] = len(tok)
+        self._byte_id = [to_id[bytes([c])] for c in range(256)]
+        # Every prefix of 2+ bytes of every token -> id of the longest token that is a
+        # prefix of it (about 116k keys for the World vocab).
+        longest: dict[bytes, int] = {}
+        for tok in to_id:
+            best = self._byte_id[tok[0]]
+            for n in range(2, len(tok) + 1):
+                key = tok[:n]
+                best = to_id.get(key, best)
+                longest[key] = best
+        self._longest = longest
+
+        self._rust = None
+        self.backend = "python"
+        if backend != "python":
+            self._rust = self._load_rust(required=backend == "pyrwkv")
+            if self._rust is not None:
+                self.backend = "pyrwkv-tokenizer"
+
+    def _load_rust(self, required: bool):
+        try:
+            import pyrwkv_tokenizer
+        except ImportError:
+            if required:
+                raise RWKVPeftError(
+                    "backend='pyrwkv' needs pyrwkv-tokenizer: pip install pyrwkv-tokenizer"
+                ) from None
+            return None
+        try:
+            rust = pyrwkv_tokenizer.WorldTokenizer(str(self.vocab_file))
+            agrees = rust.encode(_PROBE) == self._encode_python(_PROBE.encode("utf-8"))
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # noqa: BLE001 - Rust panics are BaseException; any failure: don't use it
+            agrees, reason = False, f"{type(e).__name__}: {e}"
+        else:
+            reason = "its ids differ from the pure-Python encoder"
+        if agrees:
+            return rust
+        msg = f"pyrwkv-tokenizer not used for {self.vocab_file}: {reason}"
+        if required:
+            raise RWKVPeftError(msg)
+        warnings.warn(msg + "; using the pure-Python encoder", RuntimeWarning, stacklevel=3)
+        return None
+
+    def __reduce__(self):
+        return (type(self), self._args)
 
     def __repr__(self) -> str:
-        return f"WorldTokenizer(vocab_file={str(self.vocab_file)!r})"
+        return f"WorldTokenizer(vocab_file={str(self.vocab_file)!r}, backend={self.backend!r})"
 
     # -- encoding ------------------------------------------------------------------------
 
     def encode(self, text: str) -> list[int]:
-        return self.encode_bytes(text.encode("utf-8"))
+        if self._rust is not None:
+            return self._rust.encode(text)
+        return self._encode_python(text.encode("utf-8"))
 
     def encode_bytes(self, data: bytes) -> list[int]:
         """Token ids of arbitrary bytes (they need not be valid UTF-8)."""
         data = bytes(data)
-        pieces = _PIECE_RE.findall(data)
-        if not pieces:
-            return []
-        cache, resolve = self._cache, self._resolve
-        out: list[int] = []
-        start = 0  # a token boundary: everything before it is in `out`
-        ends = accumulate(map(len, pieces))
-        for end in islice(ends, len(pieces) - 1):
-            key = data[start : end + 1]  # the pending bytes plus the next byte
-            hit = cache.get(key)
-            if hit is None:
-                hit = resolve(key)
-            out += hit[0]
-            start = end - hit[1]
-        out += self._greedy(data[start:])
-        return out
+        if self._rust is not None:
+            try:
+                return self._rust.encode(data.decode("utf-8"))
+            except UnicodeDecodeError:
+                pass
+        return self._encode_python(data)
 
-    def _greedy(self, data: bytes) -> list[int]:
-        """Plain greedy longest match over all of `data` (nothing after it)."""
-        prefixes, byte_ids = self._prefixes, self._byte_ids
+    def _encode_python(self, data: bytes) -> list[int]:
+        longest = self._longest.get
+        byte_id, length = self._byte_id, self._length
         out: list[int] = []
+        append = out.append
         i, n = 0, len(data)
         while i < n:
-            # Extend the match one byte at a time while it is still a prefix of some token,
-            # remembering the longest one that is a whole token.
-            best, size = byte_ids[data[i]], 1
-            j = i + 2
+            tid = longest(data[i : i + 2])
+            if tid is None:  # no token of 2+ bytes starts here
+                append(byte_id[data[i]])
+                i += 1
+                continue
+            j = i + 3
             while j <= n:
-                tid = prefixes.get(data[i:j])
-                if tid is None:
+                longer = longest(data[i:j])
+                if longer is None:
                     break
-                if tid:
-                    best, size = tid, j - i
+                tid = longer
                 j += 1
-            out.append(best)
-            i += size
+            append(tid)
+            i += length[tid]
         return out
-
-    def _resolve(self, key: bytes) -> tuple[list[int], int]:
-        """For pending bytes key[:-1] followed by the byte key[-1:]: the ids that are final,
-        and how many trailing bytes stay pending because a token could extend past the end.
-        Cached under `key`."""
-        size = len(key) - 1
-        chunk, nxt = key[:size], key[size:]
-        ids = self._greedy(chunk)
-        prefixes, id_to_bytes = self._prefixes, self._id_to_bytes
-        start = 0
-        for n, tid in enumerate(ids):
-            # A longer token could start here iff chunk[start:] + nxt begins some token.
-            if chunk[start:] + nxt in prefixes:
-                result = (ids[:n], size - start)
-                break
-            start += len(id_to_bytes[tid])
-        else:
-            result = (ids, 0)
-        if len(self._cache) >= _CACHE_LIMIT:
-            self._cache.clear()
-        self._cache[key] = result
-        return result
 
     # -- decoding ------------------------------------------------------------------------
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         """Exact bytes of the ids (id 0 gives nothing); unknown ids raise RWKVPeftError."""
-        table = self._id_to_bytes
+        table = self._to_bytes
+        if not isinstance(ids, (list, tuple)):
+            ids = list(ids)  # may be a generator, read twice below
         try:
             return b"".join([table[i] for i in ids])
         except (KeyError, TypeError):
             pass
         parts = []
-        for i in ids:  # slow path: accept numpy/torch integers, name the bad id
+        for i in ids:  # slow path: numpy/torch integers, or find the bad id for the message
             try:
                 parts.append(table[int(i)])
             except (KeyError, TypeError, ValueError):
                 raise RWKVPeftError(
-                    f"token id {i!r} is not in the RWKV World vocab (valid: 0..65529)"
+                    f"token id {i!r} is not in the RWKV World vocab (valid ids: 0..{self.max_id})"
                 ) from None
         return b"".join(parts)
 
@@ -296,13 +320,11 @@ class WorldTokenizer:
         """Text of the ids; invalid UTF-8 (e.g. a cut multi-byte char) becomes U+FFFD."""
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
-    def id_to_token(self, i: int) -> bytes:
-        return self.decode_bytes([i])
-
     def token_to_id(self, token: bytes | str) -> int | None:
+        """The id of one vocab entry (e.g. "\\n\\n"), or None if it is not one."""
         if isinstance(token, str):
             token = token.encode("utf-8")
-        return self._bytes_to_id.get(token)
+        return self._to_id.get(token)
 
 
 # ----------------------------------------------------------------------------------------
@@ -317,28 +339,25 @@ class HFTokenizer:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         try:
-            from tokenizers import Tokenizer as _HFTok
+            from tokenizers import Tokenizer as _HFTokenizer
         except ImportError:
-            raise RWKVPeftError(
-                f"loading {self.path} needs the `tokenizers` package: pip install tokenizers"
-            ) from None
+            raise RWKVPeftError(f"loading {self.path} needs the tokenizers package: pip install tokenizers") from None
         if not self.path.is_file():
-            raise RWKVPeftError(f"tokenizer file {self.path} does not exist")
+            raise RWKVPeftError(f"tokenizer file {self.path} does not exist (expected a tokenizers .json file)")
         try:
-            self._tok = _HFTok.from_file(str(self.path))
-        except Exception as e:  # the Rust side raises plain Exception on bad JSON
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise RWKVPeftError(f"cannot read tokenizer file {self.path}: {msg}") from None
+            self._tok = _HFTokenizer.from_file(str(self.path))
+        except Exception as e:  # noqa: BLE001 - the Rust side raises plain Exception
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise RWKVPeftError(f"cannot read tokenizer file {self.path}: {first}") from None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.eos_id = self._find_eos()
 
     def _find_eos(self) -> int:
-        special = {}
         try:
-            added = json.loads(self.path.read_text(encoding="utf-8")).get("added_tokens") or []
-            special = {t["content"]: t["id"] for t in added if t.get("special")}
-        except (OSError, ValueError, TypeError, KeyError, AttributeError):
-            pass
+            added = self._tok.get_added_tokens_decoder()  # tokenizers >= 0.14
+        except AttributeError:
+            added = {}
+        special = {t.content: i for i, t in added.items() if t.special}
         for name in _EOS_NAMES:
             if name in special:
                 return int(special[name])
@@ -368,9 +387,9 @@ def load_tokenizer(spec: str | Path | None = None) -> Tokenizer:
     """None or "world" -> WorldTokenizer; a path ending in .json -> HFTokenizer."""
     if spec is None or (isinstance(spec, str) and spec.strip().lower() == "world"):
         return WorldTokenizer()
-    if str(spec).lower().endswith(".json"):
+    if isinstance(spec, (str, Path)) and str(spec).lower().endswith(".json"):
         return HFTokenizer(spec)
     raise RWKVPeftError(
-        f"unknown tokenizer {str(spec)!r}: pass 'world' for the RWKV World vocab "
-        "or the path of a Hugging Face tokenizer .json file"
+        f"unknown tokenizer {spec!r}: pass 'world' for the RWKV World vocab "
+        "or the path of a Hugging Face tokenizers .json file"
     )

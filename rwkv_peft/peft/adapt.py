@@ -260,9 +260,10 @@ def _ranges(ids: list[int]) -> str:
     return text if len(ids) == 1 else "{" + text + "}"
 
 
-def prepare_peft(model: RWKV, plan: dict[str, tuple[str, dict]], train_parts=()) -> tuple[dict, dict]:
-    """Attach adapters (initialised for training) and unfreeze the --train_parts groups."""
-    methods = attach_adapters(model, plan, init=True)
+def prepare_peft(model: RWKV, plan: dict[str, tuple[str, dict]], train_parts=(), *, init: bool = True
+                 ) -> tuple[dict, dict]:
+    """Attach adapters and unfreeze the --train_parts groups (init: see attach_adapters)."""
+    methods = attach_adapters(model, plan, init=init)
     parts = part_parameters(model, train_parts)
     if "head" in train_parts and "head" in methods:
         raise RWKVPeftError("--train_parts head conflicts with an adapter on 'head'; choose one")

@@ -1,0 +1,139 @@
+"""Every training option, its default and its help text, in one dataclass.
+
+`train.py --help` and the README's option table are both generated from these fields.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field, fields
+
+from ..errors import RWKVPeftError
+
+STRATEGIES = ("deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_2_offload",
+              "deepspeed_stage_3", "deepspeed_stage_3_offload")
+
+
+def opt(default, help, group="training", **kw):
+    return field(default=default, metadata={"help": help, "group": group, **kw})
+
+
+@dataclass
+class TrainArgs:
+    # model
+    load_model: str | None = opt(None, "official RWKV-6/7 .pth to fine-tune (default: the embedded demo base "
+                                       "when no --data_file is given; omit with --n_layer/--n_embd to train from scratch)",
+                                 "model")
+    n_layer: int = opt(0, "layers of a new RWKV-7 trained from scratch (with --n_embd)", "model")
+    n_embd: int = opt(0, "width of a new RWKV-7 trained from scratch", "model")
+    head_size: int = opt(64, "head size of a new model", "model")
+    vocab_size: int = opt(0, "vocabulary of a new model (default: the tokenizer's)", "model")
+    # data
+    data_file: str | None = opt(None, "training data: .jsonl (text or chat/SFT), .txt, or a binidx prefix "
+                                      "(default: the embedded demo data set)", "data")
+    data_type: str = opt("auto", "auto (from the extension), text, jsonl, sft, binidx", "data",
+                         choices=("auto", "text", "jsonl", "sft", "binidx"))
+    sft_fields: list[str] | None = opt(None, "question and answer fields of SFT jsonl records, e.g. query response",
+                                       "data", nargs=2)
+    data_mode: str = opt("pack", "pack short samples into full windows, or pad each to ctx_len", "data",
+                         choices=("pack", "pad"))
+    tokenizer: str = opt("world", "'world' or a Hugging Face tokenizer.json", "data")
+    ctx_len: int = opt(512, "tokens per sample", "data")
+    # PEFT
+    peft: str = opt("bone", "default method for the default target layers: lora, pissa, bone, bat, or none "
+                            "(full fine-tuning)", "peft", choices=("lora", "pissa", "bone", "bat", "none"))
+    lora_r: int = opt(32, "LoRA rank", "peft")
+    lora_alpha: float = opt(32.0, "LoRA alpha (scale = alpha / r)", "peft")
+    lora_dropout: float = opt(0.0, "LoRA dropout", "peft")
+    pissa_r: int = opt(32, "PiSSA rank", "peft")
+    svd_niter: int = opt(4, "PiSSA randomized SVD iterations (0 = exact full SVD)", "peft")
+    bone_r: int = opt(64, "Bone block size", "peft")
+    bat_r: int = opt(64, "Bat block size (must divide every adapted layer's dimensions)", "peft")
+    peft_rules: str | None = opt(None, "per-layer rules 'glob=method:rank; ...' or a JSON file; first match "
+                                       "wins, e.g. 'blocks.*.att.*=bone:64; blocks.0.*=none'", "peft")
+    train_parts: list[str] = opt((), "whole tensor groups to train as well: ln time emb head", "peft", nargs="*")
+    # optimisation
+    max_steps: int = opt(0, "optimizer steps to run (0: --epochs over the data)")
+    epochs: float = opt(1.0, "passes over the data when --max_steps is 0")
+    micro_bsz: int = opt(1, "samples per micro batch per process")
+    accumulate_grad_batches: int = opt(1, "micro batches per optimizer step")
+    lr_init: float = opt(1e-4, "peak learning rate")
+    lr_final: float = opt(1e-5, "learning rate at the end of the schedule")
+    warmup_steps: int = opt(10, "linear warm-up steps")
+    lr_schedule: str = opt("cos", "cos, wsd (warm-up, stable, decay over the last 20%%), or const",
+                           choices=("cos", "wsd", "const"))
+    weight_decay: float = opt(0.0, "AdamW weight decay (matrices only)")
+    beta1: float = opt(0.9, "AdamW beta1")
+    beta2: float = opt(0.99, "AdamW beta2")
+    adam_eps: float = opt(1e-8, "AdamW epsilon")
+    grad_clip: float = opt(1.0, "gradient norm clipping (0: off)")
+    precision: str = opt("bf16", "bf16, fp16 or fp32", choices=("bf16", "fp16", "fp32"))
+    grad_cp: int = opt(0, "1: gradient checkpointing per block (less memory, ~30%% more compute)", choices=(0, 1))
+    strategy: str = opt("deepspeed_stage_1", "DeepSpeed ZeRO strategy", choices=STRATEGIES)
+    deepspeed_config: str | None = opt(None, "your own DeepSpeed JSON; it wins over the flags it sets")
+    random_seed: int = opt(42, "seed for initialisation, data order and dropout")
+    # output
+    proj_dir: str | None = opt(None, "where the run writes (default: a new out/run-<time>/)", "output")
+    save_every: int = opt(0, "save an adapter and a resumable checkpoint every N steps (0: only at the end)",
+                          "output")
+    keep_last: int = opt(2, "resumable checkpoints to keep", "output")
+    resume: str | None = opt(None, "continue a run: 'latest' (or no value) or a checkpoint directory", "output",
+                             nargs="?", const="latest")
+    stop_at_step: int = opt(0, "save a checkpoint and stop at this step, keeping the schedule of --max_steps "
+                               "(for time-limited jobs; continue with --resume)", "output")
+    dry_run: bool = opt(False, "print the layer table and one rendered sample with its loss mask, then exit",
+                        "output")
+    debug: bool = opt(False, "show Python tracebacks", "output")
+
+
+GROUPS = ("model", "data", "peft", "training", "output")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keep the description's line breaks; show every option's default."""
+
+
+def build_parser(prog: str = "train.py", description: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=_HelpFormatter)
+    groups = {g: p.add_argument_group(g) for g in GROUPS}
+    for f in fields(TrainArgs):
+        meta = dict(f.metadata)
+        group, help_text = meta.pop("group"), meta.pop("help")
+        kw = {"default": f.default, "help": help_text, **meta}
+        if f.type in ("bool", bool):
+            kw["action"] = "store_true"
+        elif "nargs" not in meta:
+            kw["type"] = {"int": int, "float": float}.get(str(f.type), str)
+        elif f.name == "train_parts":
+            kw["default"] = []
+        groups[group].add_argument(f"--{f.name}", **kw)
+    return p
+
+
+def parse_args(argv=None, description: str | None = None) -> TrainArgs:
+    ns = build_parser(description=description).parse_args(argv)
+    args = TrainArgs(**vars(ns))
+    check_args(args)
+    return args
+
+
+def check_args(args: TrainArgs) -> None:
+    """Values argparse cannot check, each as one line naming the flag."""
+    positive = ("ctx_len", "micro_bsz", "accumulate_grad_batches", "keep_last")
+    for name in positive:
+        if getattr(args, name) <= 0:
+            raise RWKVPeftError(f"--{name} must be positive, got {getattr(args, name)}")
+    for name in ("max_steps", "stop_at_step", "save_every", "warmup_steps", "weight_decay", "grad_clip", "lr_final"):
+        if getattr(args, name) < 0:
+            raise RWKVPeftError(f"--{name} must not be negative, got {getattr(args, name)}")
+    if args.lr_init <= 0:
+        raise RWKVPeftError(f"--lr_init must be positive, got {args.lr_init}")
+    if args.max_steps == 0 and args.epochs <= 0:
+        raise RWKVPeftError("give --max_steps N or a positive --epochs")
+    for name in ("lora_r", "pissa_r", "bone_r", "bat_r"):
+        if getattr(args, name) <= 0:
+            raise RWKVPeftError(f"--{name} must be positive, got {getattr(args, name)}")
+    if (args.n_layer > 0) != (args.n_embd > 0):
+        raise RWKVPeftError("training from scratch needs both --n_layer and --n_embd")
+    if args.n_layer and args.load_model:
+        raise RWKVPeftError("give either --load_model (fine-tune) or --n_layer/--n_embd (from scratch), not both")

@@ -1,0 +1,125 @@
+"""Setting up the process group and the DeepSpeed engine, on GPUs or on the CPU.
+
+One path for every run: a plain `python train.py` is a world of one process (we set the
+launcher's variables ourselves); `torchrun` and the `deepspeed` launcher set them for us.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import torch
+
+from ..errors import RWKVPeftError
+from .args import TrainArgs
+
+
+def set_launcher_env() -> None:
+    """Fill in what a launcher would set, for a single process started plainly."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:  # a free port, so two runs on one machine do not collide
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+
+
+def device_for_rank() -> torch.device:
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def import_deepspeed():
+    import deepspeed
+    import deepspeed.ops
+
+    if not torch.cuda.is_available():
+        # DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce op at start-up
+        # (about a minute, every fresh machine). gloo does the same job for us; marking the
+        # op unavailable makes DeepSpeed skip the build.
+        from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder
+
+        deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+    return deepspeed
+
+
+def deepspeed_config(args: TrainArgs, world_size: int) -> dict:
+    """The DeepSpeed config from the flags; a user's JSON wins where both set a value."""
+    stage = int(args.strategy.split("_")[2])
+    zero = {"stage": stage, "contiguous_gradients": True, "overlap_comm": torch.cuda.is_available()}
+    if args.strategy.endswith("offload"):
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        if stage == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    config = {
+        "train_micro_batch_size_per_gpu": args.micro_bsz,
+        "gradient_accumulation_steps": args.accumulate_grad_batches,
+        "train_batch_size": args.micro_bsz * args.accumulate_grad_batches * world_size,
+        "gradient_clipping": args.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": args.precision == "bf16"},
+        "fp16": {"enabled": args.precision == "fp16", "initial_scale_power": 12},
+        "steps_per_print": 10**12,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+    }
+    if args.deepspeed_config:
+        path = Path(args.deepspeed_config)
+        try:
+            user = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise RWKVPeftError(f"--deepspeed_config file not found: {path}") from None
+        except json.JSONDecodeError as e:
+            raise RWKVPeftError(f"--deepspeed_config {path} is not valid JSON: {e}") from None
+        if not isinstance(user, dict):
+            raise RWKVPeftError(f"--deepspeed_config {path} must hold a JSON object")
+        if "optimizer" in user or "scheduler" in user:
+            raise RWKVPeftError(f"--deepspeed_config {path}: remove 'optimizer'/'scheduler'; the trainer builds "
+                                "AdamW and the schedule from --lr_init/--lr_schedule")
+        config = _merge(config, user)
+        mb, ga = config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"]
+        if config.get("train_batch_size", mb * ga * world_size) != mb * ga * world_size:
+            raise RWKVPeftError(f"--deepspeed_config {path}: train_batch_size {config['train_batch_size']} != "
+                                f"micro batch {mb} x accumulation {ga} x {world_size} processes")
+        config["train_batch_size"] = mb * ga * world_size
+        args.micro_bsz, args.accumulate_grad_batches = mb, ga
+        precision = "bf16" if config.get("bf16", {}).get("enabled") else "fp16" if config.get("fp16", {}).get(
+            "enabled") else "fp32"
+        args.precision = precision
+    return config
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _deepspeed_checkpoint_classes() -> list:
+    """The plain data classes DeepSpeed pickles into its checkpoints (checked for ZeRO 1-3,
+    fp32/bf16 with torch.serialization.get_unsafe_globals_in_checkpoint). Allowing exactly
+    these keeps weights_only=True: nothing else in a checkpoint file can be instantiated."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def weights_only_load(path, map_location=None):
+    """DeepSpeed's checkpoint loader, without pickle code execution."""
+    try:
+        with torch.serialization.safe_globals(_deepspeed_checkpoint_classes()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RWKVPeftError(f"checkpoint file {path} could not be loaded safely: {first[:200]}") from None

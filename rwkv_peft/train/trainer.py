@@ -1,0 +1,329 @@
+"""The training run: model and adapters, data, the DeepSpeed engine, the loop, the records.
+
+Exact resume rests on statelessness: sample g of the data depends only on g and the seed,
+the learning rate only on the step, and dropout is reseeded per micro batch. A checkpoint
+then needs only DeepSpeed's state (optimizer and trainable weights) and the step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..data.tokenizer import load_tokenizer
+from ..errors import RWKVPeftError
+from ..io import atomic_write, save_tensor_file_atomic
+from ..model import RWKVConfig, create_model, load_model
+from ..peft.adapt import parse_rules, plan_adapters, prepare_peft, trainable_summary
+from ..peft.adapter_file import describe_base, save_adapter
+from .args import TrainArgs
+from .checkpoint import find_checkpoint, load_checkpoint, newest_run, save_checkpoint
+from .engine import deepspeed_config, device_for_rank, import_deepspeed, set_launcher_env, weights_only_load
+from .schedule import learning_rate
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO_BASE = REPO / "demo" / "base.pth"
+DEMO_DATA = REPO / "demo" / "data" / "train.jsonl"
+DEMO_TOKENIZER = REPO / "demo" / "tokenizer.json"
+
+
+class L2Wrap(torch.autograd.Function):
+    """Identity on the loss; in backward, nudges each row's largest logit towards zero.
+
+    The official trainer's habit (SPEC section 6): gradient 1e-4 / (B*T) times the max logit
+    at its argmax, which keeps logits from drifting upwards.
+    """
+
+    @staticmethod
+    def forward(ctx, loss, logits):
+        ctx.save_for_backward(logits)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (logits,) = ctx.saved_tensors
+        factor = 1e-4 / (logits.shape[0] * logits.shape[1])
+        maxx, ids = torch.max(logits, -1, keepdim=True)
+        glogits = torch.zeros_like(logits).scatter_(-1, ids, maxx * factor)
+        return grad_output, glogits
+
+
+def masked_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean cross entropy over the positions whose target counts (mask 1)."""
+    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+    mask = mask.flatten().to(ce.dtype)
+    return L2Wrap.apply((ce * mask).sum() / mask.sum().clamp(min=1.0), logits)
+
+
+def _defaults(args: TrainArgs) -> None:
+    """The embedded demo when no model or data is named."""
+    if args.data_file is None:
+        if not DEMO_DATA.exists():
+            raise RWKVPeftError(f"no --data_file given and the embedded demo data {DEMO_DATA} is missing")
+        args.data_file = str(DEMO_DATA)
+        if args.load_model is None and not args.n_layer:
+            args.load_model = str(DEMO_BASE)
+            if args.tokenizer == "world" and DEMO_TOKENIZER.exists():
+                args.tokenizer = str(DEMO_TOKENIZER)
+    if args.load_model is None and not args.n_layer:
+        raise RWKVPeftError("give --load_model FILE to fine-tune, or --n_layer and --n_embd to train from scratch")
+
+
+def _proj_dir(args: TrainArgs) -> Path:
+    if args.proj_dir:
+        return Path(args.proj_dir)
+    if args.resume == "latest":
+        return newest_run(Path("out"))
+    return Path("out") / time.strftime("run-%Y%m%d-%H%M%S")
+
+
+def _build_model(args: TrainArgs, tokenizer, dtype):
+    if args.load_model:
+        return load_model(args.load_model, dtype=dtype)
+    C = args.n_embd
+
+    def lora_dim(scale, power=0.5):  # the official x070 sizes of the low-rank mixers
+        return max(32, int(round(scale * C ** power / 32)) * 32)
+
+    config = RWKVConfig(version=7, n_layer=args.n_layer, n_embd=C, head_size=args.head_size,
+                        vocab_size=args.vocab_size or tokenizer.vocab_size, dim_ffn=4 * C,
+                        d_decay=lora_dim(1.8), d_aaa=lora_dim(1.8), d_mv=lora_dim(1.3), d_gate=lora_dim(0.6, 0.8))
+    return create_model(config, seed=args.random_seed, dtype=dtype)
+
+
+def _default_method(args: TrainArgs):
+    return {
+        "none": None,
+        "lora": ("lora", {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout}),
+        "pissa": ("pissa", {"r": args.pissa_r, "svd_niter": args.svd_niter or None, "dropout": args.lora_dropout}),
+        "bone": ("bone", {"r": args.bone_r}),
+        "bat": ("bat", {"r": args.bat_r}),
+    }[args.peft]
+
+
+def _param_groups(model, args: TrainArgs):
+    """Weight decay on trainable matrices only; the decay base (w0 / time_decay) at 2x lr."""
+    groups = {"decay": [], "plain": [], "fast": []}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.endswith((".att.w0", ".att.time_decay")):
+            groups["fast"].append(p)
+        elif p.dim() >= 2 and args.weight_decay > 0 and not name.endswith(("w1", "w2")):
+            groups["decay"].append(p)
+        else:
+            groups["plain"].append(p)
+    spec = {"decay": (1.0, args.weight_decay), "plain": (1.0, 0.0), "fast": (2.0, 0.0)}
+    return [{"params": ps, "lr_scale": spec[k][0], "weight_decay": spec[k][1]} for k, ps in groups.items() if ps]
+
+
+def _peak_memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS, KiB on Linux
+
+
+def train(args: TrainArgs) -> dict:
+    """Run training as described by args; returns the summary. Call from every rank."""
+    _defaults(args)
+    set_launcher_env()
+    deepspeed = import_deepspeed()
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+    try:
+        return _train(args, deepspeed)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()  # ranks that exit without this sometimes abort
+
+
+def _train(args: TrainArgs, deepspeed) -> dict:
+    from ..data.datasets import load_training_data
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    main = rank == 0
+    log = print if main else (lambda *a, **k: None)
+    device = device_for_rank()
+    proj_dir = _proj_dir(args)
+    resume_from = find_checkpoint(proj_dir, args.resume) if args.resume else None
+    if main and not args.dry_run:
+        proj_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(proj_dir, os.W_OK):
+            raise RWKVPeftError(f"--proj_dir {proj_dir} is not writable")
+
+    tokenizer = load_tokenizer(args.tokenizer)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
+    model = _build_model(args, tokenizer, dtype)
+    base_sd = {k: v for k, v in model.state_dict().items()}  # before adapters: what merges start from
+    base_info = describe_base(base_sd, model.config, args.load_model)
+    rules = parse_rules(args.peft_rules)
+    full = args.peft == "none" and not rules
+    if full:
+        methods, parts = {}, dict(model.named_parameters())
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:
+        plan = plan_adapters(model, rules, _default_method(args))
+        if not plan and not args.train_parts:
+            raise RWKVPeftError("nothing to train: --peft none with rules that adapt no layer; "
+                                "choose a method or --train_parts")
+        torch.manual_seed(args.random_seed)  # LoRA's Kaiming init
+        methods, parts = prepare_peft(model, plan, args.train_parts, init=resume_from is None)
+        log(trainable_summary(model, methods, parts))
+
+    def load_data():
+        return load_training_data(args.data_file, tokenizer, args.ctx_len, data_type=args.data_type,
+                                  sft_fields=tuple(args.sft_fields) if args.sft_fields else None,
+                                  mode=args.data_mode, seed=args.random_seed, progress=main)
+
+    # rank 0 tokenizes into the cache first; the others then read the cache
+    data = load_data() if main else None
+    dist.barrier()
+    data = data or load_data()
+    if args.dry_run:
+        log(f"\ndata: {args.data_file}: {len(data):,} samples of {args.ctx_len} tokens per epoch "
+            f"({data.tokens_total:,} tokens)\none sample, loss-masked spans marked:\n")
+        log(data.render(0))
+        return {}
+
+    model.grad_checkpointing = bool(args.grad_cp)
+    model.to(device)
+    config = deepspeed_config(args, world)
+    global_batch = args.micro_bsz * args.accumulate_grad_batches * world
+    total_steps = args.max_steps or max(1, math.ceil(args.epochs * len(data) / global_batch))
+    optimizer = torch.optim.AdamW(_param_groups(model, args), lr=args.lr_init, betas=(args.beta1, args.beta2),
+                                  eps=args.adam_eps, fused=device.type == "cuda")
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    engine.checkpoint_engine.load = weights_only_load
+
+    step = 0
+    if resume_from is not None:
+        state = load_checkpoint(engine, resume_from)
+        step = state["step"]
+        if state.get("global_batch") != global_batch:
+            raise RWKVPeftError(f"--resume: the checkpoint was trained with a global batch of "
+                                f"{state.get('global_batch')} samples, this run has {global_batch}")
+        with torch.no_grad():  # PiSSA keeps W - B0 A0 frozen; B0, A0 came back with the checkpoint
+            for name, method in methods.items():
+                if method.name != "pissa":
+                    continue
+                layer = engine.module.get_submodule(name)
+                layer.weight.copy_(method.frozen_weight(base_sd[f"{name}.weight"].to(layer.weight)))
+        log(f"resumed from {resume_from} at step {step}")
+
+    metrics_path = proj_dir / "metrics.jsonl"
+    if main:
+        atomic_write(proj_dir / "args.json", lambda f: f.write(json.dumps(asdict(args), indent=1).encode()))
+        kept = []
+        if step and metrics_path.exists():  # drop records past the checkpoint: they will be redone
+            kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        atomic_write(metrics_path, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
+
+    def save(step: int, final: bool = False):
+        trainable = {n: p for n, p in engine.module.named_parameters() if p.requires_grad}
+        if main:
+            if full:
+                target = proj_dir / "model.pth"
+                save_tensor_file_atomic({k: v.detach().cpu() for k, v in engine.module.state_dict().items()}, target)
+            else:
+                (proj_dir / "adapters").mkdir(exist_ok=True)
+                target = proj_dir / ("adapter.safetensors" if final else f"adapters/step-{step:08d}.safetensors")
+                save_adapter(target, methods, {k: trainable[k] for k in parts}, base_info)
+        save_checkpoint(engine, proj_dir, step, {"step": step, "global_batch": global_batch,
+                                                 "samples": step * global_batch}, args.keep_last)
+
+    tokens_per_step = global_batch * args.ctx_len
+    log(f"\ntraining {total_steps} steps of {global_batch} x {args.ctx_len} tokens on {world} "
+        f"{device.type} process(es), ZeRO stage {config['zero_optimization']['stage']}, {args.precision}; "
+        f"writing to {proj_dir}")
+    from tqdm import tqdm
+
+    bar = tqdm(total=total_steps, initial=step, disable=not main, unit="step", dynamic_ncols=True)
+    start, first_step, losses = time.perf_counter(), step, []
+    engine.train()
+    try:
+        while step < total_steps:
+            lr = learning_rate(step, total_steps, lr_init=args.lr_init, lr_final=args.lr_final,
+                               warmup=args.warmup_steps, schedule=args.lr_schedule)
+            for group in engine.optimizer.param_groups:
+                group["lr"] = lr * group.get("lr_scale", 1.0)
+            step_loss = torch.zeros((), device=device)
+            for micro in range(args.accumulate_grad_batches):
+                first = ((step * args.accumulate_grad_batches + micro) * world + rank) * args.micro_bsz
+                batch = data.batch(list(range(first, first + args.micro_bsz)))
+                torch.manual_seed(args.random_seed + first)  # dropout: a function of the sample index
+                logits = engine(batch["input_ids"].to(device))
+                loss = masked_loss(logits, batch["targets"].to(device), batch["loss_mask"].to(device))
+                engine.backward(loss)
+                engine.step()
+                step_loss += loss.detach().float() / args.accumulate_grad_batches
+            dist.all_reduce(step_loss)
+            step_loss = step_loss.item() / world
+            if not math.isfinite(step_loss):
+                raise RWKVPeftError(f"loss became {step_loss} at step {step + 1}; the last checkpoint in "
+                                    f"{proj_dir / 'checkpoints'} is intact. Lower --lr_init or check the data")
+            step += 1
+            losses.append(step_loss)
+            elapsed = time.perf_counter() - start
+            tps = tokens_per_step * (step - first_step) / max(elapsed, 1e-9)
+            if main:
+                record = {"step": step, "loss": round(step_loss, 6), "lr": lr, "tokens": step * tokens_per_step,
+                          "tokens_per_s": round(tps, 1), "elapsed_s": round(elapsed, 3)}
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}")
+                bar.update(1)
+            if step == args.stop_at_step and step < total_steps:
+                bar.close()
+                save(step)
+                log(f"stopped at step {step} (--stop_at_step); continue with --resume --proj_dir {proj_dir}")
+                return {"steps": step, "stopped": True, "proj_dir": str(proj_dir)}
+            if args.save_every and step % args.save_every == 0 and step < total_steps:
+                save(step)
+    except KeyboardInterrupt:
+        bar.close()
+        log(f"\ninterrupted: saving a checkpoint at step {step} (resume with --resume --proj_dir {proj_dir})")
+        save(step)
+        raise
+    bar.close()
+    save(step, final=True)
+
+    elapsed = time.perf_counter() - start
+    summary = {"steps": step, "tokens_seen": step * tokens_per_step, "time_s": round(elapsed, 2),
+               "tokens_per_s": round(tokens_per_step * (step - first_step) / max(elapsed, 1e-9), 1),
+               "peak_memory_mb": round(_peak_memory_mb(device), 1),
+               "final_loss": losses[-1] if losses else None, "proj_dir": str(proj_dir)}
+    if main:
+        atomic_write(proj_dir / "summary.json", lambda f: f.write(json.dumps(summary, indent=1).encode()))
+        _plot_losses(metrics_path, proj_dir / "loss.png")
+        log("\n" + "  ".join(f"{k}: {v}" for k, v in summary.items()))
+        out = proj_dir / ("model.pth" if full else "adapter.safetensors")
+        log(f"wrote {out}")
+        log(f"next: python -m rwkv_peft.run --model {out}" if full else f"next: python merge.py --adapter {out}")
+    return summary
+
+
+def _plot_losses(metrics_path: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_write(png, lambda f: fig.savefig(f, format="png"))
+    plt.close(fig)
