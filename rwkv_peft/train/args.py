@@ -137,3 +137,21 @@ def check_args(args: TrainArgs) -> None:
         raise RWKVPeftError("training from scratch needs both --n_layer and --n_embd")
     if args.n_layer and args.load_model:
         raise RWKVPeftError("give either --load_model (fine-tune) or --n_layer/--n_embd (from scratch), not both")
+
+
+def markdown_table() -> str:
+    """The options as a markdown table, for the README."""
+    rows = ["| option | default | what it does |", "|---|---|---|"]
+    for group in GROUPS:
+        for f in fields(TrainArgs):
+            if f.metadata["group"] != group:
+                continue
+            default = f.default
+            shown = "" if default is None or default is False or default == () else f"`{default}`"
+            text = f.metadata["help"].replace("%%", "%").replace("|", "\\|")
+            rows.append(f"| `--{f.name}` | {shown} | {text} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

@@ -1,0 +1,220 @@
+"""train.py end to end on a tiny official-layout model: every method learns, ZeRO across
+processes equals one process, resume is exact, gradient checkpointing keeps gradients."""
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from official_layout import rwkv7_state_dict
+from rwkv_peft import load_model
+from rwkv_peft.peft.adapt import plan_adapters, prepare_peft
+from rwkv_peft.peft.adapter_file import read_adapter
+from rwkv_peft.peft.merge import merge_adapter
+from rwkv_peft.train.engine import weights_only_load
+
+pytest.importorskip("deepspeed")
+ROOT = Path(__file__).parent.parent
+WORDS = "the cat sat on a mat and saw one red bird fly over green hills while rain fell softly".split()
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A word-level tokenizer, a random base in the official layout, a repetitive corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    d = tmp_path_factory.mktemp("train")
+    vocab = {"<|endoftext|>": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(sorted(set(WORDS)))}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    tok.save(str(d / "tok.json"))
+    torch.save(rwkv7_state_dict(vocab=len(vocab), n_layer=2, n_embd=64, head_size=16, seed=0), d / "base.pth")
+    rng = random.Random(0)
+    pattern = WORDS[:11]
+    with open(d / "text.jsonl", "w") as f:
+        for _ in range(64):
+            k = rng.randrange(len(pattern))
+            f.write(json.dumps({"text": " ".join((pattern[k:] + pattern) * 3)}) + "\n")
+    with open(d / "chat.jsonl", "w") as f:
+        f.write(json.dumps({"messages": [{"role": "user", "content": "red bird"},
+                                         {"role": "assistant", "content": "fly over green hills"}]}) + "\n")
+    return d
+
+
+COMMON = ["--load_model", "base.pth", "--tokenizer", "tok.json", "--data_file", "text.jsonl", "--ctx_len", "32",
+          "--lr_init", "3e-2", "--lr_final", "3e-3", "--warmup_steps", "0", "--precision", "fp32",
+          "--bone_r", "16", "--bat_r", "16", "--lora_r", "8", "--pissa_r", "8"]
+
+
+def train(work, *args, nproc=1, check=True):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    if nproc == 1:
+        cmd = [sys.executable, str(ROOT / "train.py")]
+    else:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               f"--master_port={port}", str(ROOT / "train.py")]
+    proc = subprocess.run(cmd + list(args), cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+ADAPTER_TENSORS = {"bone": {"bone"}, "bat": {"bat"}, "lora": {"lora_A", "lora_B"},
+                   "pissa": {"lora_A", "lora_B", "init_A", "init_B"}}
+
+
+@pytest.mark.parametrize("method", ["bone", "bat", "lora", "pissa"])
+def test_each_method_learns_and_writes_only_its_tensors(work, method):
+    run = work / f"run-{method}"
+    proc = train(work, *COMMON, "--peft", method, "--max_steps", "30", "--micro_bsz", "4",
+                 "--train_parts", "ln", "--proj_dir", run.name)
+    loss = losses(run)
+    assert len(loss) == 30
+    assert sum(loss[-3:]) / 3 < 0.5 * loss[0], loss
+    assert "next: python merge.py" in proc.stdout and (run / "loss.png").stat().st_size > 1000
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["tokens_seen"] == 30 * 4 * 32 and summary["tokens_per_s"] > 0
+
+    adapter = read_adapter(run / "adapter.safetensors")
+    targets = {f"blocks.{i}.{t}" for i in (0, 1) for t in
+               ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value")}
+    assert set(adapter.layers) == targets
+    assert all(set(ts) == ADAPTER_TENSORS[method] for ts in adapter.tensors.values())
+    assert all(".ln" in k or k.startswith("ln_out") for k in adapter.parts) and adapter.parts
+
+    # what the optimizer held: DeepSpeed saves exactly the trainable tensors
+    ckpt = run / "checkpoints" / (run / "checkpoints" / "latest").read_text()
+    saved = weights_only_load(ckpt / "mp_rank_00_model_states.pt")["module"]
+    trainable = {k for k in saved if k.split(".")[-1] in ADAPTER_TENSORS[method] or k in adapter.parts}
+    assert set(saved) - trainable <= {k for k in saved if k.endswith(("init_A", "init_B"))}
+
+    # merged, the run changed only the adapted layers and the trained norms
+    base = torch.load(work / "base.pth", weights_only=True)
+    merged = merge_adapter(base, adapter)
+    changed = {k for k in base if not torch.equal(base[k], merged[k])}
+    assert changed <= {f"{t}.weight" for t in targets} | set(adapter.parts)
+    assert {f"{t}.weight" for t in targets} <= changed
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero_across_two_processes_equals_one_process(work, stage):
+    args = [*COMMON, "--peft", "lora", "--max_steps", "6", "--strategy", f"deepspeed_stage_{stage}"]
+    train(work, *args, "--micro_bsz", "2", "--proj_dir", f"z{stage}-one")
+    train(work, *args, "--micro_bsz", "1", "--proj_dir", f"z{stage}-two", nproc=2)
+    one, two = losses(work / f"z{stage}-one"), losses(work / f"z{stage}-two")
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=1e-4, atol=1e-5)
+    a, b = read_adapter(work / f"z{stage}-one/adapter.safetensors"), read_adapter(work / f"z{stage}-two/adapter.safetensors")
+    for module in a.tensors:
+        for name, t in a.tensors[module].items():
+            torch.testing.assert_close(b.tensors[module][name], t, rtol=1e-2, atol=1e-4)
+
+
+def test_resume_continues_exactly(work):
+    args = [*COMMON, "--peft", "lora", "--lora_dropout", "0.1", "--max_steps", "8", "--micro_bsz", "2",
+            "--warmup_steps", "2"]
+    train(work, *args, "--proj_dir", "straight")
+    proc = train(work, *args, "--proj_dir", "halves", "--stop_at_step", "4")
+    assert "stopped at step 4" in proc.stdout
+    assert (work / "halves/checkpoints/latest").read_text() == "step-00000004"
+    assert not list((work / "halves/checkpoints").glob(".*.tmp"))
+    proc = train(work, *args, "--proj_dir", "halves", "--resume")
+    assert "resumed from" in proc.stdout
+    assert losses(work / "halves") == losses(work / "straight")
+    a = read_adapter(work / "straight/adapter.safetensors")
+    b = read_adapter(work / "halves/adapter.safetensors")
+    for module in a.tensors:
+        for name, t in a.tensors[module].items():
+            assert torch.equal(b.tensors[module][name], t), (module, name)
+
+
+def test_resume_with_nothing_to_resume_fails_clearly(work):
+    proc = train(work, *COMMON, "--proj_dir", "empty-run", "--resume", check=False)
+    assert proc.returncode == 2
+    assert "nothing to resume" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bf16_run_and_full_finetune(work):
+    train(work, *COMMON, "--peft", "bone", "--precision", "bf16", "--max_steps", "4", "--proj_dir", "bf16")
+    assert all(x == x and x < 10 for x in losses(work / "bf16"))
+    assert (work / "bf16/adapter.safetensors").exists()
+    proc = train(work, *COMMON, "--peft", "none", "--max_steps", "4", "--proj_dir", "full")
+    assert "next: python -m rwkv_peft.run --model" in proc.stdout
+    model = load_model(work / "full/model.pth")
+    assert list(model.state_dict()) == list(torch.load(work / "base.pth", weights_only=True))
+
+
+def test_training_from_scratch(work):
+    args = ["--tokenizer", "tok.json", "--data_file", "text.jsonl", "--ctx_len", "32", "--n_layer", "2",
+            "--n_embd", "64", "--head_size", "16", "--peft", "none", "--max_steps", "20", "--micro_bsz", "4",
+            "--lr_init", "3e-3", "--warmup_steps", "0", "--precision", "fp32", "--proj_dir", "scratch"]
+    train(work, *args)
+    loss = losses(work / "scratch")
+    assert loss[-1] < 0.7 * loss[0], loss
+    model = load_model(work / "scratch/model.pth")
+    assert model.config.vocab_size == 21 and model.config.n_layer == 2
+
+
+def test_dry_run_shows_the_sft_loss_mask(work):
+    proc = train(work, "--load_model", "base.pth", "--tokenizer", "tok.json", "--data_file", "chat.jsonl",
+                 "--ctx_len", "32", "--dry_run")
+    assert "⟦" in proc.stdout and "⟧" in proc.stdout and "fly over green hills" in proc.stdout
+    assert not (work / "out").exists()
+
+
+def test_gradient_checkpointing_keeps_adapter_gradients():
+    """Non-reentrant checkpointing: same gradients as without it. The reentrant kind would
+    return no gradient for the adapters, since a frozen block input does not require grad."""
+    sd = rwkv7_state_dict(n_layer=3, seed=3)
+    tokens = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for cp in (False, True):
+        model = load_model(sd, dtype=torch.float64).train()
+        torch.manual_seed(0)  # the same Kaiming init of A in both models
+        prepare_peft(model, plan_adapters(model, [], ("lora", {"r": 4})))
+        with torch.no_grad():  # LoRA's B starts at zero, which would zero A's gradient
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(0.1)
+        model.grad_checkpointing = cp
+        model(tokens).logsumexp(-1).mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 2 * 6 * 3
+    for name, g in grads[0].items():
+        assert grads[1][name] is not None and g.abs().sum() > 0, name
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-10, atol=1e-12)
+
+    # the failure mode this guards against, shown on the same model
+    model = load_model(sd, dtype=torch.float64).train()
+    prepare_peft(model, plan_adapters(model, [], ("lora", {"r": 4})))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1)
+    x = model.emb(tokens)
+    assert not x.requires_grad
+    with pytest.warns(UserWarning, match="None of the inputs have requires_grad"):
+        out, _, _ = torch.utils.checkpoint.checkpoint(model.blocks[0], x, None, None, use_reentrant=True)
+    assert not out.requires_grad  # no graph: every adapter gradient in block 0 would be lost
+
+
+def test_readme_documents_every_option():
+    from rwkv_peft.train.args import markdown_table
+
+    readme = (ROOT / "README.md").read_text()
+    assert markdown_table() in readme, "regenerate the README table: python -m rwkv_peft.train.args"
