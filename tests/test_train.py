@@ -2,12 +2,6 @@
 processes equals one process, resume is exact, gradient checkpointing keeps gradients."""
 
 import json
-import os
-import random
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,61 +12,18 @@ from rwkv_peft.peft.adapt import plan_adapters, prepare_peft
 from rwkv_peft.peft.adapter_file import read_adapter
 from rwkv_peft.peft.merge import merge_adapter
 from rwkv_peft.train.engine import weights_only_load
+from tiny_workspace import COMMON, ROOT, losses, make_workspace, run_script
 
 pytest.importorskip("deepspeed")
-ROOT = Path(__file__).parent.parent
-WORDS = "the cat sat on a mat and saw one red bird fly over green hills while rain fell softly".split()
 
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    """A word-level tokenizer, a random base in the official layout, a repetitive corpus."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    d = tmp_path_factory.mktemp("train")
-    vocab = {"<|endoftext|>": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(sorted(set(WORDS)))}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##")
-    tok.save(str(d / "tok.json"))
-    torch.save(rwkv7_state_dict(vocab=len(vocab), n_layer=2, n_embd=64, head_size=16, seed=0), d / "base.pth")
-    rng = random.Random(0)
-    pattern = WORDS[:11]
-    with open(d / "text.jsonl", "w") as f:
-        for _ in range(64):
-            k = rng.randrange(len(pattern))
-            f.write(json.dumps({"text": " ".join((pattern[k:] + pattern) * 3)}) + "\n")
-    with open(d / "chat.jsonl", "w") as f:
-        f.write(json.dumps({"messages": [{"role": "user", "content": "red bird"},
-                                         {"role": "assistant", "content": "fly over green hills"}]}) + "\n")
-    return d
-
-
-COMMON = ["--load_model", "base.pth", "--tokenizer", "tok.json", "--data_file", "text.jsonl", "--ctx_len", "32",
-          "--lr_init", "3e-2", "--lr_final", "3e-3", "--warmup_steps", "0", "--precision", "fp32",
-          "--bone_r", "16", "--bat_r", "16", "--lora_r", "8", "--pissa_r", "8"]
+    return make_workspace(tmp_path_factory.mktemp("train"))
 
 
 def train(work, *args, nproc=1, check=True):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    if nproc == 1:
-        cmd = [sys.executable, str(ROOT / "train.py")]
-    else:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={port}", str(ROOT / "train.py")]
-    proc = subprocess.run(cmd + list(args), cwd=work, env=env, capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
-
-def losses(run_dir: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return run_script(work, "train.py", *args, nproc=nproc, check=check)
 
 
 ADAPTER_TENSORS = {"bone": {"bone"}, "bat": {"bat"}, "lora": {"lora_A", "lora_B"},
@@ -217,4 +168,4 @@ def test_readme_documents_every_option():
     from rwkv_peft.train.args import markdown_table
 
     readme = (ROOT / "README.md").read_text()
-    assert markdown_table() in readme, "regenerate the README table: python -m rwkv_peft.train.args"
+    assert markdown_table() in readme, "regenerate the README table: python -m rwkv_peft.train.args README.md"

@@ -6,6 +6,7 @@ computed in fp32 and cast to the base dtype once.
 
 from __future__ import annotations
 
+import os
 from typing import Mapping
 
 import torch
@@ -97,6 +98,9 @@ def merge_files(base: str | None, adapter_path: str, output: str | None, *, veri
     for given, flag in ((base, "--base"), (adapter_path, "--adapter")):
         if Path(output).resolve() == Path(given).resolve():
             raise RWKVPeftError(f"--output {output} is the same file as {flag}; choose another output path")
+    out_dir = Path(output).parent
+    if not out_dir.is_dir() or not os.access(out_dir, os.W_OK):
+        raise RWKVPeftError(f"--output {output}: {out_dir} is not a writable directory; choose another output path")
     log(f"base:    {base}\nadapter: {adapter_path} ({len(adapter.layers)} adapted layers, "
         f"{len(adapter.parts)} whole tensors)")
     base_sd = load_tensor_file(base)

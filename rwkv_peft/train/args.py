@@ -68,6 +68,8 @@ class TrainArgs:
     adam_eps: float = opt(1e-8, "AdamW epsilon")
     grad_clip: float = opt(1.0, "gradient norm clipping (0: off)")
     precision: str = opt("bf16", "bf16, fp16 or fp32", choices=("bf16", "fp16", "fp32"))
+    skip_nonfinite: int = opt(0, "micro batches with a non-finite loss that may be skipped before the run "
+                                 "stops (0: stop at the first)")
     grad_cp: int = opt(0, "1: gradient checkpointing per block (less memory, ~30%% more compute)", choices=(0, 1))
     strategy: str = opt("deepspeed_stage_1", "DeepSpeed ZeRO strategy", choices=STRATEGIES)
     deepspeed_config: str | None = opt(None, "your own DeepSpeed JSON; it wins over the flags it sets")
@@ -123,7 +125,7 @@ def check_args(args: TrainArgs) -> None:
     for name in positive:
         if getattr(args, name) <= 0:
             raise RWKVPeftError(f"--{name} must be positive, got {getattr(args, name)}")
-    for name in ("max_steps", "stop_at_step", "save_every", "warmup_steps", "weight_decay", "grad_clip", "lr_final"):
+    for name in ("max_steps", "stop_at_step", "skip_nonfinite", "save_every", "warmup_steps", "weight_decay", "grad_clip", "lr_final"):
         if getattr(args, name) < 0:
             raise RWKVPeftError(f"--{name} must not be negative, got {getattr(args, name)}")
     if args.lr_init <= 0:
@@ -154,4 +156,15 @@ def markdown_table() -> str:
 
 
 if __name__ == "__main__":
-    print(markdown_table())
+    # no argument: print the table; a README path: replace the table between its markers
+    import re
+    import sys
+
+    if len(sys.argv) < 2:
+        print(markdown_table())
+    else:
+        readme = open(sys.argv[1]).read()
+        block = re.compile(r"(<!-- options:start[^\n]*-->\n).*?(\n<!-- options:end -->)", re.S)
+        if not block.search(readme):
+            sys.exit(f"{sys.argv[1]}: no <!-- options:start --> ... <!-- options:end --> block")
+        open(sys.argv[1], "w").write(block.sub(lambda m: m.group(1) + markdown_table() + m.group(2), readme))

@@ -126,6 +126,43 @@ def _param_groups(model, args: TrainArgs):
     return [{"params": ps, "lr_scale": spec[k][0], "weight_decay": spec[k][1]} for k, ps in groups.items() if ps]
 
 
+def _check_writable(proj_dir: Path) -> None:
+    """Fail before any work if the run could not write its outputs (without creating anything)."""
+    existing = proj_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise RWKVPeftError(f"--proj_dir {proj_dir} cannot be written ({existing} is not a writable directory); "
+                            "choose another --proj_dir")
+
+
+class StopRequest:
+    """The first Ctrl-C (or SIGTERM) asks the loop to save and stop at the next step boundary;
+    a second one interrupts at once. Saving mid-step could store half-updated weights."""
+
+    def __init__(self):
+        self.requested = False
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step (press Ctrl-C again to abort without saving)", flush=True)
+
+    def __enter__(self):
+        import signal
+
+        self._old = {sig: signal.signal(sig, self._handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+        return False
+
+
 def _peak_memory_mb(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -136,35 +173,34 @@ def train(args: TrainArgs) -> dict:
     """Run training as described by args; returns the summary. Call from every rank."""
     _defaults(args)
     set_launcher_env()
+    # every input is checked before DeepSpeed starts: errors come at once and leave nothing
+    run = _prepare(args, main=int(os.environ["RANK"]) == 0, world=int(os.environ["WORLD_SIZE"]))
     deepspeed = import_deepspeed()
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
     try:
-        return _train(args, deepspeed)
+        return _train(args, run, deepspeed)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()  # ranks that exit without this sometimes abort
 
 
-def _train(args: TrainArgs, deepspeed) -> dict:
-    from ..data.datasets import load_training_data
-
-    rank, world = dist.get_rank(), dist.get_world_size()
-    main = rank == 0
+def _prepare(args: TrainArgs, main: bool, world: int) -> dict:
+    """Output directory, DeepSpeed config, tokenizer, model and adapters: no process group needed."""
     log = print if main else (lambda *a, **k: None)
-    device = device_for_rank()
     proj_dir = _proj_dir(args)
     resume_from = find_checkpoint(proj_dir, args.resume) if args.resume else None
-    if main and not args.dry_run:
-        proj_dir.mkdir(parents=True, exist_ok=True)
-        if not os.access(proj_dir, os.W_OK):
-            raise RWKVPeftError(f"--proj_dir {proj_dir} is not writable")
+    if not args.dry_run:
+        _check_writable(proj_dir)
+    config = deepspeed_config(args, world)  # a user's JSON may set the batch sizes and precision
 
     tokenizer = load_tokenizer(args.tokenizer)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
     model = _build_model(args, tokenizer, dtype)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise RWKVPeftError(f"--tokenizer {args.tokenizer} has {tokenizer.vocab_size} ids but the model's vocabulary "
+                            f"has {model.config.vocab_size}; pass the tokenizer the model was trained with")
     base_sd = {k: v for k, v in model.state_dict().items()}  # before adapters: what merges start from
-    base_info = describe_base(base_sd, model.config, args.load_model)
     rules = parse_rules(args.peft_rules)
     full = args.peft == "none" and not rules
     if full:
@@ -179,6 +215,21 @@ def _train(args: TrainArgs, deepspeed) -> dict:
         torch.manual_seed(args.random_seed)  # LoRA's Kaiming init
         methods, parts = prepare_peft(model, plan, args.train_parts, init=resume_from is None)
         log(trainable_summary(model, methods, parts))
+    return {"proj_dir": proj_dir, "resume_from": resume_from, "config": config, "tokenizer": tokenizer,
+            "model": model, "base_sd": base_sd, "base_info": describe_base(base_sd, model.config, args.load_model),
+            "full": full, "methods": methods, "parts": parts}
+
+
+def _train(args: TrainArgs, run: dict, deepspeed) -> dict:
+    from ..data.datasets import load_training_data
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    main = rank == 0
+    log = print if main else (lambda *a, **k: None)
+    device = device_for_rank()
+    proj_dir, resume_from, config, tokenizer = run["proj_dir"], run["resume_from"], run["config"], run["tokenizer"]
+    model, base_sd, base_info = run["model"], run["base_sd"], run["base_info"]
+    full, methods, parts = run["full"], run["methods"], run["parts"]
 
     def load_data():
         return load_training_data(args.data_file, tokenizer, args.ctx_len, data_type=args.data_type,
@@ -195,9 +246,10 @@ def _train(args: TrainArgs, deepspeed) -> dict:
         log(data.render(0))
         return {}
 
+    if main:  # created only now, so that a run that fails on its inputs leaves nothing behind
+        proj_dir.mkdir(parents=True, exist_ok=True)
     model.grad_checkpointing = bool(args.grad_cp)
     model.to(device)
-    config = deepspeed_config(args, world)
     global_batch = args.micro_bsz * args.accumulate_grad_batches * world
     total_steps = args.max_steps or max(1, math.ceil(args.epochs * len(data) / global_batch))
     optimizer = torch.optim.AdamW(_param_groups(model, args), lr=args.lr_init, betas=(args.beta1, args.beta2),
@@ -248,29 +300,52 @@ def _train(args: TrainArgs, deepspeed) -> dict:
     from tqdm import tqdm
 
     bar = tqdm(total=total_steps, initial=step, disable=not main, unit="step", dynamic_ncols=True)
-    start, first_step, losses = time.perf_counter(), step, []
+    start, first_step, losses, skipped = time.perf_counter(), step, [], 0
+    stop = StopRequest()
+    trainable = [p for p in engine.module.parameters() if p.requires_grad]
     engine.train()
-    try:
+    with stop:
         while step < total_steps:
             lr = learning_rate(step, total_steps, lr_init=args.lr_init, lr_final=args.lr_final,
                                warmup=args.warmup_steps, schedule=args.lr_schedule)
-            for group in engine.optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)
-            step_loss = torch.zeros((), device=device)
+            step_loss, bad = torch.zeros((), device=device), 0
             for micro in range(args.accumulate_grad_batches):
                 first = ((step * args.accumulate_grad_batches + micro) * world + rank) * args.micro_bsz
                 batch = data.batch(list(range(first, first + args.micro_bsz)))
                 torch.manual_seed(args.random_seed + first)  # dropout: a function of the sample index
                 logits = engine(batch["input_ids"].to(device))
                 loss = masked_loss(logits, batch["targets"].to(device), batch["loss_mask"].to(device))
+                finite = torch.isfinite(loss.detach()).float()
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank takes the same decision
+                if not finite.item():
+                    bad += 1
+                    if skipped + bad > args.skip_nonfinite:
+                        raise RWKVPeftError(
+                            f"loss became {loss.item()} at step {step + 1} (micro batch {micro + 1}, samples from "
+                            f"{first}); stopped without saving, the last checkpoint in {proj_dir / 'checkpoints'} "
+                            "is intact. Lower --lr_init, check the data, or allow skips with --skip_nonfinite N")
+                    # contribute no gradient: a zero with a graph through finite tensors only
+                    loss = sum(p.sum() for p in trainable) * 0.0
+                else:
+                    step_loss += loss.detach().float()
+                if micro == args.accumulate_grad_batches - 1:
+                    # the optimizer steps now; a step whose every micro batch was bad moves nothing
+                    scale = 0.0 if bad == args.accumulate_grad_batches else 1.0
+                    for group in engine.optimizer.param_groups:
+                        group["lr"] = lr * group.get("lr_scale", 1.0) * scale
                 engine.backward(loss)
                 engine.step()
-                step_loss += loss.detach().float() / args.accumulate_grad_batches
-            dist.all_reduce(step_loss)
-            step_loss = step_loss.item() / world
-            if not math.isfinite(step_loss):
-                raise RWKVPeftError(f"loss became {step_loss} at step {step + 1}; the last checkpoint in "
-                                    f"{proj_dir / 'checkpoints'} is intact. Lower --lr_init or check the data")
+            skipped += bad
+            # one all-reduce for the loss and the stop request: every rank stops at the same step
+            reduced = torch.stack([step_loss / max(args.accumulate_grad_batches - bad, 1),
+                                   torch.tensor(float(stop.requested), device=device)])
+            dist.all_reduce(reduced)
+            step_loss, stop_now = reduced[0].item() / world, reduced[1].item() > 0
+            grad_norm = engine.get_global_grad_norm()
+            if grad_norm is not None and not math.isfinite(float(grad_norm)) and not bad:
+                raise RWKVPeftError(f"gradient norm became {grad_norm} at step {step + 1}; stopped without saving, "
+                                    f"the last checkpoint in {proj_dir / 'checkpoints'} is intact. "
+                                    "Lower --lr_init or use --precision fp32")
             step += 1
             losses.append(step_loss)
             elapsed = time.perf_counter() - start
@@ -278,10 +353,17 @@ def _train(args: TrainArgs, deepspeed) -> dict:
             if main:
                 record = {"step": step, "loss": round(step_loss, 6), "lr": lr, "tokens": step * tokens_per_step,
                           "tokens_per_s": round(tps, 1), "elapsed_s": round(elapsed, 3)}
+                if bad:
+                    record["skipped_micro_batches"] = bad
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
                 bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}")
                 bar.update(1)
+            if stop_now and step < total_steps:
+                bar.close()
+                save(step)
+                log(f"\ninterrupted: saved a checkpoint at step {step}; continue with --resume --proj_dir {proj_dir}")
+                raise KeyboardInterrupt
             if step == args.stop_at_step and step < total_steps:
                 bar.close()
                 save(step)
@@ -289,11 +371,6 @@ def _train(args: TrainArgs, deepspeed) -> dict:
                 return {"steps": step, "stopped": True, "proj_dir": str(proj_dir)}
             if args.save_every and step % args.save_every == 0 and step < total_steps:
                 save(step)
-    except KeyboardInterrupt:
-        bar.close()
-        log(f"\ninterrupted: saving a checkpoint at step {step} (resume with --resume --proj_dir {proj_dir})")
-        save(step)
-        raise
     bar.close()
     save(step, final=True)
 
@@ -301,7 +378,8 @@ def _train(args: TrainArgs, deepspeed) -> dict:
     summary = {"steps": step, "tokens_seen": step * tokens_per_step, "time_s": round(elapsed, 2),
                "tokens_per_s": round(tokens_per_step * (step - first_step) / max(elapsed, 1e-9), 1),
                "peak_memory_mb": round(_peak_memory_mb(device), 1),
-               "final_loss": losses[-1] if losses else None, "proj_dir": str(proj_dir)}
+               "final_loss": losses[-1] if losses else None, "skipped_micro_batches": skipped,
+               "proj_dir": str(proj_dir)}
     if main:
         atomic_write(proj_dir / "summary.json", lambda f: f.write(json.dumps(summary, indent=1).encode()))
         _plot_losses(metrics_path, proj_dir / "loss.png")

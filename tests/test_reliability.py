@@ -1,0 +1,185 @@
+"""Bad inputs, interruptions, non-finite losses and untrusted files.
+
+Every bad input: a non-zero exit, one `error:` line naming the file/key/flag/line and what
+to do, no traceback, and nothing new left on disk.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from official_layout import rwkv7_state_dict
+from rwkv_peft import load_model
+from rwkv_peft.peft.adapt import plan_adapters, prepare_peft
+from rwkv_peft.peft.adapter_file import describe_base, save_adapter
+from tiny_workspace import COMMON, ROOT, clean_env, losses, make_workspace, run_script
+
+pytest.importorskip("deepspeed")
+
+
+class Payload:
+    """Unpickling this runs `touch <marker>`: what a malicious checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    d = make_workspace(tmp_path_factory.mktemp("reliability"))
+    base = torch.load(d / "base.pth", weights_only=True)
+    torch.save({**base, "blocks.0.att.evil": Payload(d / "PWNED")}, d / "evil.pth")
+    torch.save({"blocks.0.disha": Payload(d / "PWNED")}, d / "evil-adapter.pth")
+    (d / "truncated.pth").write_bytes((d / "base.pth").read_bytes()[:4000])
+    torch.save({"emb.weight": torch.zeros(4, 4), "blocks.0.att.time_mix_k": torch.zeros(4)}, d / "rwkv4.pth")
+    # an adapter trained on a different base
+    other = rwkv7_state_dict(vocab=21, n_layer=2, n_embd=64, head_size=16, seed=7)
+    model = load_model(other)
+    methods, parts = prepare_peft(model, plan_adapters(model, [], ("bone", {"r": 16})))
+    save_adapter(d / "other-base.safetensors", methods, parts, describe_base(other, model.config, None))
+    model = load_model(base)
+    methods, parts = prepare_peft(model, plan_adapters(model, [], ("bone", {"r": 16})))
+    save_adapter(d / "good.safetensors", methods, parts, describe_base(base, model.config, d / "base.pth"))
+    (d / "empty.jsonl").write_text("")
+    (d / "malformed.jsonl").write_text('{"text": "the cat"}\n{"text": "sat on\n')
+    (d / "nofields.jsonl").write_text('{"query": "red", "response": "bird"}\n{"query": "cat"}\n')
+    # a binidx pair that disagree: the .idx says more tokens than the .bin holds
+    subprocess.run([sys.executable, "-m", "rwkv_peft.data.prepare", "text.jsonl", "pair", "--tokenizer", "tok.json"],
+                   cwd=d, env=clean_env(), check=True, capture_output=True)
+    with open(d / "pair.bin", "r+b") as f:
+        f.truncate(os.path.getsize(d / "pair.bin") // 2)
+    (d / "a_file").write_text("not a directory")
+    (d / "ds.json").write_text(json.dumps({"train_batch_size": 7, "train_micro_batch_size_per_gpu": 2}))
+    return d
+
+
+TRAIN = ["--max_steps", "2"]
+CASES = {
+    "missing checkpoint": ("train", ["--load_model", "nope.pth"], "checkpoint not found: nope.pth"),
+    "truncated checkpoint": ("train", ["--load_model", "truncated.pth"], "truncated.pth is not a readable PyTorch file"),
+    "neither RWKV-6 nor 7": ("train", ["--load_model", "rwkv4.pth"], "only RWKV-6 (x060) and RWKV-7"),
+    "malicious checkpoint": ("train", ["--load_model", "evil.pth"], "evil.pth holds Python objects other than tensors"),
+    "malicious adapter": ("merge", ["--base", "base.pth", "--adapter", "evil-adapter.pth"],
+                          "evil-adapter.pth holds Python objects other than tensors"),
+    "adapter of another base": ("merge", ["--base", "base.pth", "--adapter", "other-base.safetensors"],
+                                "was trained on a different base"),
+    "bat rank": ("train", ["--peft", "bat", "--bat_r", "24"], "--peft at layer blocks.0.att.receptance: bat rank 24"),
+    "unknown method": ("train", ["--peft_rules", "blocks.*=dora:4"], "unknown method 'dora'"),
+    "rule matching nothing": ("train", ["--peft_rules", "blocks.*.att.gate=bone:8"],
+                              "rule 'blocks.*.att.gate=bone:8' matches no linear layer"),
+    "ctx_len 0": ("train", ["--ctx_len", "0"], "--ctx_len must be positive"),
+    "micro_bsz 0": ("train", ["--micro_bsz", "0"], "--micro_bsz must be positive"),
+    "accumulation -1": ("train", ["--accumulate_grad_batches", "-1"], "--accumulate_grad_batches must be positive"),
+    "empty data": ("train", ["--data_file", "empty.jsonl"], "empty.jsonl"),
+    "malformed jsonl": ("train", ["--data_file", "malformed.jsonl"], "malformed.jsonl line 2"),
+    "missing sft field": ("train", ["--data_file", "nofields.jsonl", "--sft_fields", "query", "response"],
+                          "nofields.jsonl line 2"),
+    "token ids >= vocab": ("train", ["--tokenizer", "world"], "has 65536 ids but the model's vocabulary has 21"),
+    "bin/idx disagree": ("train", ["--data_file", "pair", "--data_type", "binidx"], "pair."),
+    "unwritable output": ("train", ["--proj_dir", "a_file/run"], "--proj_dir a_file/run cannot be written"),
+    "resume nothing": ("train", ["--proj_dir", "fresh", "--resume"], "nothing to resume in fresh"),
+    "deepspeed json conflict": ("train", ["--deepspeed_config", "ds.json"], "train_batch_size 7 != micro batch 2"),
+    "merge over its base": ("merge", ["--base", "base.pth", "--adapter", "good.safetensors", "--output",
+                                      "base.pth"], "--output base.pth is the same file as --base"),
+    "merge into a file's dir": ("merge", ["--base", "base.pth", "--adapter", "good.safetensors", "--output",
+                                          "a_file/merged.pth"], "a_file is not a writable directory"),
+}
+
+
+def snapshot(d):
+    return {p for p in d.rglob("*") if ".rwkv_peft_cache" not in p.parts}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_fails_with_one_line_and_leaves_nothing(work, case):
+    script, args, expected = CASES[case]
+    before = snapshot(work)
+    full = [*COMMON, *TRAIN, *args] if script == "train" else args
+    proc = run_script(work, f"{script}.py", *full, check=False, timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert len(errors) == 1 and expected in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert snapshot(work) == before
+    assert not (work / "PWNED").exists()
+
+
+def test_debug_shows_the_traceback(work):
+    proc = run_script(work, "train.py", *COMMON, "--ctx_len", "0", "--debug", check=False)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_continues(work):
+    args = [*COMMON, "--peft", "lora", "--micro_bsz", "2", "--proj_dir", "sigint"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, "--max_steps", "400"], cwd=work,
+                            env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = work / "sigint" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted: saved a checkpoint at step" in out
+    step = len(losses(work / "sigint"))
+    assert (work / "sigint/checkpoints/latest").read_text() == f"step-{step:08d}"
+    # a different --max_steps changes the schedule but not the state: the run continues from `step`
+    resumed = run_script(work, "train.py", *args, "--max_steps", str(step + 2), "--resume")
+    assert f"resumed from sigint/checkpoints/step-{step:08d} at step {step}" in resumed.stdout
+    assert len(losses(work / "sigint")) == step + 2
+
+
+def poisoned_samples(work, data_file, ctx_len, seed, token, count):
+    """Which of the first `count` samples hold `token` (as train.py will draw them, micro_bsz 1)."""
+    from rwkv_peft.data.datasets import load_training_data
+    from rwkv_peft.data.tokenizer import load_tokenizer
+
+    data = load_training_data(str(work / data_file), load_tokenizer(str(work / "tok.json")), ctx_len, mode="pad",
+                              seed=seed, progress=False)
+    return [i for i in range(count) if token in data.sample(i)["input_ids"].tolist()]
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(work):
+    from tiny_workspace import VOCAB
+
+    base = torch.load(work / "base.pth", weights_only=True)
+    base["emb.weight"][VOCAB["fell"]] = float("nan")  # samples holding 'fell' get a NaN loss
+    torch.save(base, work / "nan-base.pth")
+    docs = ["the cat sat on a mat"] * 30 + ["rain fell softly"] * 2 + ["the cat"] * 30
+    (work / "nan.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    seed = next(s for s in range(100) if 3 <= poisoned_samples(work, "nan.jsonl", 4, s, VOCAB["fell"], 40)[0] < 30)
+    bad = poisoned_samples(work, "nan.jsonl", 4, seed, VOCAB["fell"], 40)
+    args = [*COMMON, "--load_model", "nan-base.pth", "--data_file", "nan.jsonl", "--ctx_len", "4", "--max_steps",
+            "40", "--save_every", "1", "--data_mode", "pad", "--random_seed", str(seed)]
+
+    proc = run_script(work, "train.py", *args, "--proj_dir", "nan-stop", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"error: loss became nan at step {bad[0] + 1} " in proc.stderr
+    assert (work / "nan-stop/checkpoints/latest").read_text() == f"step-{bad[0]:08d}"
+    assert (work / f"nan-stop/checkpoints/step-{bad[0]:08d}/trainer.json").exists()
+    assert len(losses(work / "nan-stop")) == bad[0]
+
+    run_script(work, "train.py", *args, "--proj_dir", "nan-skip", "--skip_nonfinite", str(len(bad)))
+    summary = json.loads((work / "nan-skip/summary.json").read_text())
+    assert summary["steps"] == 40 and summary["skipped_micro_batches"] == len(bad)
+    assert all(np.isfinite(losses(work / "nan-skip")))
+
+
+def test_tampered_deepspeed_checkpoint_is_not_executed(work):
+    run_script(work, "train.py", *COMMON, "--max_steps", "4", "--stop_at_step", "2", "--proj_dir", "tamper")
+    ckpt = work / "tamper/checkpoints/step-00000002"
+    optim = next(ckpt.glob("*optim_states.pt"))
+    torch.save({"optimizer_state_dict": Payload(work / "PWNED")}, optim)
+    proc = run_script(work, "train.py", *COMMON, "--max_steps", "4", "--proj_dir", "tamper", "--resume", check=False)
+    assert proc.returncode == 2 and "could not be loaded safely" in proc.stderr, proc.stderr[-2000:]
+    assert not (work / "PWNED").exists()
