@@ -126,6 +126,14 @@ def _param_groups(model, args: TrainArgs):
     return [{"params": ps, "lr_scale": spec[k][0], "weight_decay": spec[k][1]} for k, ps in groups.items() if ps]
 
 
+def _record_step(line: str) -> float:
+    """The step of a metrics line; a line cut short by a killed process counts as past the end."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 def _check_writable(proj_dir: Path) -> None:
     """Fail before any work if the run could not write its outputs (without creating anything)."""
     existing = proj_dir
@@ -277,7 +285,7 @@ def _train(args: TrainArgs, run: dict, deepspeed) -> dict:
         atomic_write(proj_dir / "args.json", lambda f: f.write(json.dumps(asdict(args), indent=1).encode()))
         kept = []
         if step and metrics_path.exists():  # drop records past the checkpoint: they will be redone
-            kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= step]
+            kept = [line for line in metrics_path.read_text().splitlines() if _record_step(line) <= step]
         atomic_write(metrics_path, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
 
     def save(step: int, final: bool = False):
