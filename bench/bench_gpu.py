@@ -1,0 +1,488 @@
+"""GPU benchmark: PEFT training on RWKV-7 model shapes, and the WKV-7 kernel.
+
+    python bench/bench_gpu.py --quick               # a few minutes: 0.1B, ctx 512, micro batch 1
+    python bench/bench_gpu.py                       # the whole grid (long; run it in pieces:)
+    python bench/bench_gpu.py --models 1.5B --ctx 1024 --methods lora,bone --skip-kernel
+    python bench/bench_gpu.py --skip-train          # only the WKV kernels
+
+1. Training: RWKV-7 of the 0.1B / 0.4B / 1.5B shapes (L12 C768, L24 C1024, L24 C2048; low-rank
+   widths 64/64/32/128, 64/64/32/128, 96/96/64/256; head size 64; vocab 65536) with random
+   weights in the official layout, bf16, one real DeepSpeed ZeRO stage-1 engine built the way
+   the trainer builds it (rwkv_peft/train: deepspeed_config, the trainer's parameter groups,
+   fused AdamW, masked_loss), for ctx 512 and 1024, micro batch 1 and 4, gradient
+   checkpointing off and on. Methods at equal trainable parameters on the default targets
+   (att.receptance/key/value/output, ffn.key/value): Bone r=64 and Bat r=64 have 9*r*C per
+   block, LoRA and PiSSA r=32 have 18*r*C, so all four train 576*C per block; plus full
+   fine-tuning (all parameters) where it fits in memory. Per row: tokens/s over the timed
+   steps (after warm-up steps) and the peak of torch.cuda.max_memory_allocated from engine
+   creation on (weights, optimizer state, activations); "OOM" where it does not fit.
+   The WKV op of the model is --op (default cuda: the kernels of cuda/).
+
+2. Kernels: WKV-7 (and WKV-6) forward and forward+backward time and peak memory at B=8,
+   T=4096, H=16, N=64 (bf16 inputs, fp32 w) for the CUDA kernels against the PyTorch
+   chunked forms of rwkv_peft/model/wkv.py. Median over repeats after warm-up, CUDA events.
+
+Every measured row is merged into the JSON file (--json) at once, keyed by its settings,
+so a grid can be run in pieces (each command within a time limit: --time-budget stops
+starting new rows after that many seconds). A markdown table of this run's rows is printed
+at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from rwkv_peft.model import RWKV, RWKVConfig  # noqa: E402
+from rwkv_peft.model import wkv as wkv_torch  # noqa: E402
+from rwkv_peft.model import wkv_cuda  # noqa: E402
+
+MODELS = {  # name: (n_layer, n_embd, (d_decay, d_aaa, d_mv, d_gate))
+    "0.1B": (12, 768, (64, 64, 32, 128)),
+    "0.4B": (24, 1024, (64, 64, 32, 128)),
+    "1.5B": (24, 2048, (96, 96, 64, 256)),
+}
+VOCAB, HEAD = 65536, 64
+METHODS = {  # equal trainable parameters on the default targets: 576 * C per block
+    "lora": ("lora", {"r": 32, "alpha": 32}),
+    "pissa": ("pissa", {"r": 32, "svd_niter": 4}),
+    "bone": ("bone", {"r": 64}),
+    "bat": ("bat", {"r": 64}),
+    "full": None,
+}
+PUBLISHED = ("published WKV-7 figures (H100, B=8, T=4096, N=64, fwd+bwd; SPEC section 5): chunked bf16 CUDA "
+             "~8 ms, official fp32-state backstepping kernel ~17 ms, flash-linear-attention Triton chunk ~64 ms")
+
+
+def csv(kind):
+    return lambda text: [kind(x) for x in text.split(",") if x.strip()]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="0.1B, ctx 512, micro batch 1, no grad checkpointing, the four PEFT methods and full; "
+                        "4 timed steps; kernels with 5 repeats")
+    p.add_argument("--models", type=csv(str), default=list(MODELS), help="comma list of " + ",".join(MODELS))
+    p.add_argument("--ctx", type=csv(int), default=[512, 1024], help="context lengths (comma list)")
+    p.add_argument("--micro-bsz", type=csv(int), default=[1, 4], help="micro batch sizes (comma list)")
+    p.add_argument("--grad-cp", type=csv(int), default=[0, 1], help="gradient checkpointing off/on (comma list of 0,1)")
+    p.add_argument("--methods", type=csv(str), default=list(METHODS), help="comma list of " + ",".join(METHODS))
+    p.add_argument("--op", choices=("cuda", "torch"), default="cuda", help="WKV op inside the model")
+    p.add_argument("--steps", type=int, default=8, help="timed optimizer steps per training row")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
+    p.add_argument("--kernel-shape", type=csv(int), default=[8, 4096, 16], help="B,T,H of the kernel benchmark")
+    p.add_argument("--kernel-versions", type=csv(int), default=[7, 6], help="WKV versions to time (comma list)")
+    p.add_argument("--repeats", type=int, default=10, help="timed repeats per kernel measurement")
+    p.add_argument("--skip-train", action="store_true", help="only the kernel benchmark")
+    p.add_argument("--skip-kernel", action="store_true", help="only the training rows")
+    p.add_argument("--time-budget", type=float, default=0.0,
+                   help="seconds after which no new row is started (0: no limit)")
+    p.add_argument("--json", type=Path, default=REPO / "out" / "bench_gpu.json",
+                   help="results file; rows are merged in by their settings (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.models, args.ctx, args.micro_bsz, args.grad_cp = ["0.1B"], [512], [1], [0]
+        args.steps, args.warmup, args.repeats = 4, 2, 5
+    for m in args.models:
+        if m not in MODELS:
+            p.error(f"unknown model {m}; choose from {', '.join(MODELS)}")
+    for m in args.methods:
+        if m not in METHODS:
+            p.error(f"unknown method {m}; choose from {', '.join(METHODS)}")
+    if len(args.kernel_shape) != 3:
+        p.error("--kernel-shape is B,T,H")
+    return args
+
+
+# ----------------------------------------------------------------------------------------
+# Results file
+# ----------------------------------------------------------------------------------------
+
+
+class Results:
+    """The JSON file: {"env": ..., "train": [rows], "kernel": [rows]}, rows keyed by settings."""
+
+    TRAIN_KEY = ("model", "ctx", "micro_bsz", "grad_cp", "method", "op", "gpu")
+    KERNEL_KEY = ("version", "op", "B", "T", "H", "N", "gpu")
+
+    def __init__(self, path: Path, env: dict):
+        self.path, self.env = path, env
+        self.data = {"env": env, "train": [], "kernel": []}
+        if path.exists():
+            try:
+                old = json.loads(path.read_text())
+                self.data["train"], self.data["kernel"] = old.get("train", []), old.get("kernel", [])
+            except (json.JSONDecodeError, OSError) as e:
+                print(f"note: {path} is unreadable ({e}); starting a new file")
+        self.new = {"train": [], "kernel": []}
+
+    def add(self, kind: str, row: dict) -> None:
+        keys = self.TRAIN_KEY if kind == "train" else self.KERNEL_KEY
+        key = tuple(row.get(k) for k in keys)
+        self.data[kind] = [r for r in self.data[kind] if tuple(r.get(k) for k in keys) != key] + [row]
+        self.new[kind].append(row)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1))
+        tmp.replace(self.path)
+
+
+def environment() -> dict:
+    env = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+           "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+    try:
+        env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                                       text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        import deepspeed
+
+        env["deepspeed"] = deepspeed.__version__
+    except ImportError:
+        pass
+    return env
+
+
+# ----------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def random_model(name: str, device, seed: int) -> RWKV:
+    """An RWKV-7 of the named shape with random weights in realistic ranges, built on the GPU
+    (official layout: the module names and shapes are the checkpoint's keys)."""
+    L, C, (dw, da, dv, dg) = MODELS[name]
+    cfg = RWKVConfig(version=7, n_layer=L, n_embd=C, vocab_size=VOCAB, dim_ffn=4 * C, head_size=HEAD,
+                     d_decay=dw, d_aaa=da, d_mv=dv, d_gate=dg)
+    with torch.device(device):
+        model = RWKV(cfg)
+    g = torch.Generator(device=device).manual_seed(seed)
+    for pname, p in model.named_parameters():
+        leaf = pname.rsplit(".", 1)[-1]
+        if pname.endswith(("ln0.weight", "ln1.weight", "ln2.weight", "ln_out.weight", "ln_x.weight")):
+            p.fill_(1.0)
+        elif pname.endswith(".bias"):
+            p.zero_()
+        elif leaf == "w0":
+            p.uniform_(-6.0, 0.0, generator=g)
+        elif leaf in ("a0", "v0"):
+            p.normal_(0.0, 0.5, generator=g)
+        elif leaf == "k_k":
+            p.uniform_(0.5, 1.0, generator=g)
+        elif leaf == "k_a":
+            p.uniform_(0.8, 1.2, generator=g)
+        elif leaf == "r_k":
+            p.normal_(0.0, 0.1, generator=g)
+        elif p.dim() == 3 or leaf.startswith("x_"):  # token-shift mixes [1, 1, C]
+            p.uniform_(0.0, 1.0, generator=g)
+        elif pname == "emb.weight":
+            p.uniform_(-1e-2, 1e-2, generator=g)
+        elif p.dim() == 2:
+            # nn.Linear weights are (out, in); the low-rank mixers (w1, a2, ...) are used as x @ W
+            fan_in = p.shape[0] if leaf in ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2") else p.shape[1]
+            p.normal_(0.0, fan_in ** -0.5, generator=g)
+    return model.to(torch.bfloat16)
+
+
+def use_op(name: str) -> str:
+    """Make the model's blocks call the chosen WKV op; returns how it was switched."""
+    if hasattr(wkv_torch, "set_op"):
+        wkv_torch.set_op(name)
+        return "rwkv_peft.model.wkv.set_op"
+    # Before the op switch exists: rebind the names the blocks call.
+    rwkv7 = importlib.import_module("rwkv_peft.model.rwkv7")
+    rwkv6 = importlib.import_module("rwkv_peft.model.rwkv6")
+    rwkv7.wkv7 = wkv_cuda.wkv7_cuda if name == "cuda" else wkv_torch.wkv7
+    rwkv6.wkv6 = wkv_cuda.wkv6_cuda if name == "cuda" else wkv_torch.wkv6
+    return "rebound rwkv7.wkv7 / rwkv6.wkv6"
+
+
+def _free_memory():
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def train_row(deepspeed, args, model_name, ctx, mb, grad_cp, method, device) -> dict:
+    from rwkv_peft.peft.adapt import plan_adapters, prepare_peft
+    from rwkv_peft.train.args import TrainArgs
+    from rwkv_peft.train.engine import deepspeed_config
+    from rwkv_peft.train.trainer import masked_loss
+
+    try:  # the trainer's groups: weight decay on matrices, w0 at 2x lr
+        from rwkv_peft.train.trainer import _param_groups
+    except ImportError:
+        _param_groups = None
+
+    row = {"model": model_name, "ctx": ctx, "micro_bsz": mb, "grad_cp": grad_cp, "method": method, "op": args.op,
+           "gpu": torch.cuda.get_device_name(device)}
+    engine = optimizer = model = None
+    try:
+        model = random_model(model_name, device, args.seed)
+        if METHODS[method] is None:
+            for p in model.parameters():
+                p.requires_grad_(True)
+        else:
+            torch.manual_seed(args.seed)
+            prepare_peft(model, plan_adapters(model, [], METHODS[method]))
+        row["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        row["params"] = sum(p.numel() for p in model.parameters())
+        model.grad_checkpointing = bool(grad_cp)
+        targs = TrainArgs(micro_bsz=mb, ctx_len=ctx, precision="bf16", grad_cp=grad_cp,
+                          strategy="deepspeed_stage_1", peft="none" if method == "full" else method)
+        groups = _param_groups(model, targs) if _param_groups else [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(groups, lr=1e-5, betas=(0.9, 0.99), eps=1e-8, fused=True)
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                       config=deepspeed_config(targs, 1))
+        engine.train()
+        g = torch.Generator(device=device).manual_seed(args.seed)
+
+        def step():
+            tokens = torch.randint(0, VOCAB, (mb, ctx + 1), generator=g, device=device)
+            logits = engine(tokens[:, :-1])
+            loss = masked_loss(logits, tokens[:, 1:], torch.ones_like(tokens[:, 1:]))
+            engine.backward(loss)
+            engine.step()
+            return loss
+
+        for _ in range(args.warmup):
+            step()
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            loss = step()
+        torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - t0
+        row.update(status="ok", tokens_per_s=round(args.steps * mb * ctx / elapsed, 1),
+                   step_ms=round(1000 * elapsed / args.steps, 2),
+                   peak_mb=round(torch.cuda.max_memory_allocated(device) / 2**20, 1),
+                   peak_reserved_mb=round(torch.cuda.max_memory_reserved(device) / 2**20, 1),
+                   last_loss=round(loss.item(), 4))
+    except torch.cuda.OutOfMemoryError:
+        row.update(status="OOM", peak_mb=round(torch.cuda.max_memory_allocated(device) / 2**20, 1))
+    except Exception as e:  # record and go on with the other rows
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        row.update(status=f"error: {type(e).__name__}: {first[:200]}")
+    finally:
+        if engine is not None and hasattr(engine, "destroy"):
+            try:
+                engine.destroy()
+            except Exception:
+                pass
+        del engine, optimizer, model
+        _free_memory()
+    return row
+
+
+# ----------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------
+
+
+def kernel_inputs(version, B, T, H, N, device, seed):
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(scale=1.0):
+        return torch.randn(B, T, H, N, generator=g, device=device) * scale
+
+    r, k, v = randn(0.5), randn(0.5), randn()
+    if version == 7:
+        w = -F.softplus(-(randn(2.0) - 1.0)) - 0.5
+        kk = F.normalize(randn(), dim=-1)
+        a, b = -kk, kk * torch.sigmoid(randn())
+        low = [r, k, v, a, b]
+        return [low[0].bfloat16(), w, *(x.bfloat16() for x in low[1:])]
+    w = torch.rand(B, T, H, N, generator=g, device=device) * 7 - 6
+    u = torch.randn(H, N, generator=g, device=device) * 0.5
+    return [r.bfloat16(), w, k.bfloat16(), v.bfloat16(), u.bfloat16()]
+
+
+def time_cuda(fn, repeats, warmup=2) -> float:
+    """Median milliseconds of fn() over repeats (CUDA events), after warm-up calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def kernel_row(version, op, args, device) -> dict:
+    B, T, H = args.kernel_shape
+    row = {"version": version, "op": op, "B": B, "T": T, "H": H, "N": HEAD, "gpu": torch.cuda.get_device_name(device)}
+    if op == "cuda":
+        fn = wkv_cuda.wkv7_cuda if version == 7 else wkv_cuda.wkv6_cuda
+    else:
+        fn = wkv_torch.wkv7_chunked if version == 7 else wkv_torch.wkv6_chunked
+    try:
+        inputs = kernel_inputs(version, B, T, H, HEAD, device, args.seed)
+        leaves = [x.clone().requires_grad_() for x in inputs]
+        gy = torch.randn(B, T, H, HEAD, device=device, dtype=torch.bfloat16)
+
+        def forward():
+            with torch.no_grad():
+                fn(*inputs)
+
+        def forward_backward():
+            for x in leaves:
+                x.grad = None
+            y, state = fn(*leaves)
+            torch.autograd.backward([y, state], [gy, torch.ones_like(state)])
+
+        row["fwd_ms"] = round(time_cuda(forward, args.repeats), 3)
+        _free_memory()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        row["fwd_bwd_ms"] = round(time_cuda(forward_backward, args.repeats), 3)
+        row["fwd_bwd_peak_mb"] = round((torch.cuda.max_memory_allocated(device) - base) / 2**20, 1)
+        row["status"] = "ok"
+    except torch.cuda.OutOfMemoryError:
+        row["status"] = "OOM"
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        row["status"] = f"error: {type(e).__name__}: {first[:200]}"
+    finally:
+        _free_memory()
+    return row
+
+
+# ----------------------------------------------------------------------------------------
+# Tables and main
+# ----------------------------------------------------------------------------------------
+
+
+def markdown(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    lines = ["| " + " | ".join(title for title, _ in columns) + " |",
+             "|" + "|".join("---" for _ in columns) + "|"]
+    for r in rows:
+        cells = []
+        for _, key in columns:
+            v = r.get(key, "")
+            cells.append(f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else
+                         f"{v:,.1f}" if isinstance(v, float) else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+TRAIN_COLUMNS = [("model", "model"), ("ctx", "ctx"), ("micro bsz", "micro_bsz"), ("grad cp", "grad_cp"),
+                 ("method", "method"), ("trainable", "trainable"), ("tokens/s", "tokens_per_s"),
+                 ("step ms", "step_ms"), ("peak MB", "peak_mb"), ("status", "status")]
+KERNEL_COLUMNS = [("WKV", "version"), ("op", "op"), ("B", "B"), ("T", "T"), ("H", "H"), ("fwd ms", "fwd_ms"),
+                  ("fwd+bwd ms", "fwd_bwd_ms"), ("fwd+bwd peak MB", "fwd_bwd_peak_mb"), ("status", "status")]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_gpu.py needs a CUDA GPU (torch.cuda.is_available() is False)")
+        return 2
+    device = torch.device("cuda", torch.cuda.current_device())
+    env = environment()
+    results = Results(args.json, env)
+    print(f"{env.get('gpu')}, torch {env['torch']} (CUDA {env['cuda']}), deepspeed {env.get('deepspeed', '-')}; "
+          f"results -> {args.json}")
+    t_start = time.perf_counter()
+
+    def out_of_time() -> bool:
+        return bool(args.time_budget) and time.perf_counter() - t_start > args.time_budget
+
+    t0 = time.perf_counter()
+    reason = wkv_cuda.cuda_unavailable_reason(device)  # builds the extension on first use
+    print(f"CUDA WKV kernels: {'ready' if reason is None else 'UNAVAILABLE: ' + reason} "
+          f"({time.perf_counter() - t0:.1f} s)")
+    if reason is not None and args.op == "cuda" and not args.skip_train:
+        print("training rows need the CUDA op: fix the above or pass --op torch")
+        return 1
+    skipped = []
+
+    if not args.skip_kernel:
+        for version in args.kernel_versions:
+            for op in ("cuda", "torch"):
+                if op == "cuda" and reason is not None:
+                    continue
+                if out_of_time():
+                    skipped.append(f"kernel WKV-{version} {op}")
+                    continue
+                row = kernel_row(version, op, args, device)
+                results.add("kernel", row)
+                print(f"  WKV-{version} {op:5s}: fwd {row.get('fwd_ms', '-')} ms, fwd+bwd {row.get('fwd_bwd_ms', '-')} "
+                      f"ms, peak {row.get('fwd_bwd_peak_mb', '-')} MB [{row['status']}]", flush=True)
+
+    if not args.skip_train:
+        from rwkv_peft.train.engine import import_deepspeed, set_launcher_env
+
+        set_launcher_env()
+        deepspeed = import_deepspeed()
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            deepspeed.init_distributed(dist_backend="nccl", verbose=False)
+        print(f"WKV op in the model: {args.op} (via {use_op(args.op)})")
+        try:
+            for model_name in args.models:
+                for ctx in args.ctx:
+                    for mb in args.micro_bsz:
+                        for grad_cp in args.grad_cp:
+                            for method in args.methods:
+                                label = f"{model_name} ctx{ctx} mb{mb} cp{grad_cp} {method}"
+                                if out_of_time():
+                                    skipped.append(label)
+                                    continue
+                                t0 = time.perf_counter()
+                                row = train_row(deepspeed, args, model_name, ctx, mb, grad_cp, method, device)
+                                results.add("train", row)
+                                print(f"  {label}: {row.get('tokens_per_s', '-')} tok/s, peak "
+                                      f"{row.get('peak_mb', '-')} MB, trainable {row.get('trainable', 0):,} "
+                                      f"[{row['status']}] ({time.perf_counter() - t0:.0f} s)", flush=True)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+    if results.new["train"]:
+        print("\n## Training (bf16, DeepSpeed ZeRO stage 1, one GPU)\n")
+        print(markdown(results.new["train"], TRAIN_COLUMNS))
+        counts = {r["trainable"] for r in results.new["train"] if r.get("method") not in ("full",) and "trainable" in r
+                  and r["model"] == results.new["train"][0]["model"]}
+        if len(counts) > 1:
+            print(f"\nnote: PEFT trainable counts differ for {results.new['train'][0]['model']}: {sorted(counts)}")
+    if results.new["kernel"]:
+        print("\n## WKV kernels (bf16 inputs, fp32 w; forward and forward+backward)\n")
+        print(markdown(results.new["kernel"], KERNEL_COLUMNS))
+        print(f"\n{PUBLISHED}")
+    if skipped:
+        print(f"\n--time-budget reached; not run: {', '.join(skipped)}")
+    print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+// Shared pieces of the WKV kernels (wkv7.cu, wkv6.cu): element types, the chunk length,
+// indexing, and the launch helper for dynamic shared memory.
+//
+// Layout conventions (the same as rwkv_peft/model/wkv.py):
+//   per-token vectors r, w, k, v, a, b, y and their gradients: [B, T, H, N], contiguous;
+//   states (initial, final, checkpoints, their gradients): [.., N, N] fp32, row-major.
+// One thread block per (batch, head) pair, N threads; fp32 state and accumulation.
+//
+// The kernels depend on CUDA only (no torch headers), so tests/test_cuda_compile.py can
+// compile them with plain `nvcc -c` on a machine without a GPU.
+#pragma once
+
+#include <stdint.h>
+
+#ifdef WKV_HOST_EMULATION
+// Tests only: CPU stand-ins for the CUDA built-ins, so that a host compiler can build and
+// run these kernels on the CPU (see wkv_host_emulation.h).
+#include "wkv_host_emulation.h"
+#else
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+// The block's dynamic shared memory as a float array (a macro, so the emulation can
+// supply its own).
+#define WKV_SHARED_FLOATS(name) extern __shared__ float name[]
+#endif
+
+#ifndef _N_
+#define _N_ 64  // head size compiled into this build (rwkv_peft/model/wkv_cuda.py passes -D_N_)
+#endif
+
+namespace wkv {
+
+// Steps between state checkpoints. The forward pass saves the state at the start of every
+// chunk of CHUNK steps; the backward pass walks the chunks from last to first, replays each
+// one forward from its checkpoint (exactly the forward's fp32 arithmetic) and then walks
+// its steps back. The per-step input vectors of one chunk are staged in shared memory at
+// once, so the step loops need few block-wide barriers.
+constexpr int CHUNK = 16;
+
+// Element types of the per-token vectors, as the bindings pass them.
+enum Dtype : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+
+template <typename F> __device__ __forceinline__ F from_float(float x);
+template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+    return __float2bfloat16_rn(x);
+}
+template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+
+// Offset of element n of token t of head h in batch b, for [B, T, H, N] tensors.
+template <int N>
+__device__ __forceinline__ int64_t token_index(int b, int t, int h, int T, int H, int n) {
+    return ((static_cast<int64_t>(b) * T + t) * H + h) * N + n;
+}
+
+#ifndef WKV_HOST_EMULATION
+// Launches kernel<<<blocks, threads, smem, stream>>>(args...), raising the dynamic shared
+// memory limit first when a configuration needs more than the default 48 KiB.
+// Returns nullptr on success, else CUDA's error string.
+template <typename Kernel, typename... Args>
+const char* launch(Kernel kernel, int blocks, int threads, size_t smem, void* stream, Args... args) {
+    if (blocks == 0) return nullptr;
+    if (smem > 48 * 1024) {
+        cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             static_cast<int>(smem));
+        if (e != cudaSuccess) return cudaGetErrorString(e);
+    }
+    kernel<<<blocks, threads, smem, static_cast<cudaStream_t>(stream)>>>(args...);
+    cudaError_t e = cudaGetLastError();
+    return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
+}
+#endif
+
+}  // namespace wkv

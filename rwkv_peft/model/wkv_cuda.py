@@ -1,0 +1,363 @@
+"""The WKV recurrences on CUDA: the kernels in ``cuda/``, built on first use, with autograd.
+
+Same conventions as :mod:`rwkv_peft.model.wkv` (``[B, T, H, N]`` inputs, ``w`` is
+log(-log(decay)), RWKV-7 state ``[N value, N key]``, RWKV-6 state ``[N key, N value]``)::
+
+    y, new_state = wkv7_cuda(r, w, k, v, a, b, state=None)
+    y, new_state = wkv6_cuda(r, w, k, v, u, state=None)
+
+Both are differentiable with respect to every input, the initial state and (RWKV-6) ``u``
+included, and carry the gradient of ``new_state`` back. Inside: fp32 state and
+accumulation; ``w`` is read in fp32 and the other per-token vectors in bf16, fp16 or fp32
+(float64 inputs compute in fp32); ``y`` comes back in the dtype of ``r`` and
+``new_state`` in fp32. Any T >= 1 works, with no padding. The forward pass keeps the state
+at the start of every 16-step chunk for the backward pass (``[B, H, ceil(T/16), N, N]``
+fp32; RWKV-7 also keeps ``S a`` per step, ``[B, T, H, N]`` fp32), and only when a gradient
+is needed. The backward replays each chunk from its checkpoint into a workspace of
+``[B * H, 16, N, N]`` fp32 (see the comments at the top of ``cuda/wkv7.cu`` and
+``cuda/wkv6.cu``), so it never divides by a decay.
+
+The extension is compiled by ``torch.utils.cpp_extension.load`` (ninja, nvcc) the first
+time it is needed, once per GPU architecture, head size and source hash, into
+``~/.cache/rwkv_peft/wkv-sm<arch>-n<head size>-<hash>/`` (``$RWKV_PEFT_CACHE`` or
+``$XDG_CACHE_HOME`` move it), so later runs load it in a second. Set
+``RWKV_PEFT_CUDA_VERBOSE=1`` to see the build.
+
+:func:`cuda_unavailable_reason` says, in one line, why the kernels cannot serve tensors on
+a device (or None when they can); callers use it to fall back to the PyTorch forms.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["HEAD_SIZES", "CHUNK_LEN", "load_extension", "cuda_unavailable_reason", "wkv7_cuda", "wkv6_cuda"]
+
+CUDA_DIR = Path(__file__).resolve().parents[2] / "cuda"
+SOURCES = ("wkv_op.cpp", "wkv7.cu", "wkv6.cu")
+# Head sizes with a build (one each, on demand). 64 is every official model's; at 128 the
+# backward kernels keep their 3 x 128 per-thread rows partly in local memory: correct, slow.
+HEAD_SIZES = (32, 64, 128)
+CHUNK_LEN = 16  # steps between state checkpoints (wkv::CHUNK in cuda/wkv_common.cuh)
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+_lock = threading.RLock()
+_modules: dict[tuple, object] = {}
+_reasons: dict[tuple, str | None] = {}
+
+
+# ----------------------------------------------------------------------------------------
+# Building
+# ----------------------------------------------------------------------------------------
+
+
+def _cache_root() -> Path:
+    base = os.environ.get("RWKV_PEFT_CACHE")
+    if base:
+        return Path(base)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "rwkv_peft"
+
+
+def _nvcc() -> str | None:
+    from torch.utils import cpp_extension
+
+    home = cpp_extension.CUDA_HOME
+    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+        return os.path.join(home, "bin", "nvcc")
+    return shutil.which("nvcc")
+
+
+def _nvcc_info(nvcc: str) -> tuple[str | None, set[int] | None]:
+    """(release 'X.Y', compute capabilities it can compile for as ints like 90) of an nvcc."""
+    release = archs = None
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+        m = re.search(r"release (\d+\.\d+)", out)
+        release = m.group(1) if m else None
+        out = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True, timeout=60)
+        if out.returncode == 0:
+            archs = {int(x) for x in re.findall(r"compute_(\d+)", out.stdout)}
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return release, archs
+
+
+def _device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _arch_flag(cc: int, supported: set[int] | None) -> str:
+    """-gencode for compute capability cc: native code when nvcc knows the arch, else PTX of
+    the newest arch below it that nvcc knows (the driver compiles it at load)."""
+    if supported is None or cc in supported:
+        return f"-gencode=arch=compute_{cc},code=sm_{cc}"
+    older = [a for a in supported if a <= cc]
+    if not older:
+        raise RuntimeError(f"nvcc cannot compile for sm_{cc} or any older arch")
+    return f"-gencode=arch=compute_{max(older)},code=compute_{max(older)}"
+
+
+def _build_flags(cc: int, head_size: int, supported: set[int] | None) -> tuple[list[str], list[str]]:
+    cxx = ["-O3", f"-D_N_={head_size}"]
+    cuda = ["-O3", "--use_fast_math", "-Xptxas", "-O3", _arch_flag(cc, supported), f"-D_N_={head_size}"]
+    return cxx, cuda
+
+
+def _source_hash(*extra: str) -> str:
+    h = hashlib.sha256()
+    for path in sorted(CUDA_DIR.iterdir()):
+        if path.suffix in (".cu", ".cuh", ".cpp", ".h"):
+            h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    for item in (torch.__version__, str(torch.version.cuda), *extra):
+        h.update(item.encode() + b"\0")
+    return h.hexdigest()
+
+
+def load_extension(head_size: int = 64, device=None, verbose: bool | None = None):
+    """The compiled kernel module for head_size on device's GPU architecture (built on first
+    use, then cached on disk and in this process). Raises on any failure; see
+    :func:`cuda_unavailable_reason` for a one-line diagnosis instead."""
+    if head_size not in HEAD_SIZES:
+        raise ValueError(f"no WKV CUDA kernel for head size {head_size} (available: {HEAD_SIZES})")
+    device = _device(device)
+    major, minor = torch.cuda.get_device_capability(device)
+    cc = 10 * major + minor
+    key = (cc, head_size)
+    with _lock:
+        if key in _modules:
+            return _modules[key]
+        from torch.utils import cpp_extension
+
+        nvcc = _nvcc()
+        if nvcc is None:
+            raise RuntimeError("nvcc not found (install the CUDA toolkit or set CUDA_HOME)")
+        release, supported = _nvcc_info(nvcc)
+        cxx, cuda = _build_flags(cc, head_size, supported)
+        digest = _source_hash(*cxx, *cuda, str(release))[:16]
+        root = _cache_root()
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            root = Path(tempfile.gettempdir()) / f"rwkv_peft-{os.getuid()}"
+        build_dir = root / f"wkv-sm{cc}-n{head_size}-{digest}"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        if verbose is None:
+            verbose = os.environ.get("RWKV_PEFT_CUDA_VERBOSE", "") not in ("", "0")
+        module = cpp_extension.load(
+            name=f"rwkv_peft_wkv_sm{cc}_n{head_size}_{digest[:8]}",
+            sources=[str(CUDA_DIR / s) for s in SOURCES],
+            extra_cflags=cxx,
+            extra_cuda_cflags=cuda,
+            extra_include_paths=[str(CUDA_DIR)],
+            build_directory=str(build_dir),
+            with_cuda=True,
+            verbose=verbose,
+        )
+        _modules[key] = module
+        return module
+
+
+def _first_error_line(exc: BaseException) -> str:
+    text = " ".join(str(a) for a in exc.args) if exc.args else type(exc).__name__
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in lines:
+        if re.search(r"\berror\b", line, re.IGNORECASE) and not line.startswith("Error building extension"):
+            return line[:300]
+    return (lines[0] if lines else type(exc).__name__)[:300]
+
+
+def cuda_unavailable_reason(device=None, head_size: int = 64) -> str | None:
+    """None when the CUDA kernels can run for tensors on device (default: the current CUDA
+    device) with this head size; otherwise one line naming the cause. The first call per
+    (device, head size) may compile the extension (a minute or two); results are cached."""
+    if torch.version.cuda is None:
+        build = "ROCm" if getattr(torch.version, "hip", None) else "CPU-only"
+        return f"torch {torch.__version__} is a {build} build without CUDA"
+    if not torch.cuda.is_available():
+        return "no CUDA device (torch.cuda.is_available() is False)"
+    device = _device(device)
+    if device.type != "cuda":
+        return f"tensors are on {device}, not on a CUDA device"
+    key = (device.index, head_size)
+    with _lock:
+        if key not in _reasons:
+            _reasons[key] = _diagnose(device, head_size)
+        return _reasons[key]
+
+
+def _diagnose(device: torch.device, head_size: int) -> str | None:
+    if head_size not in HEAD_SIZES:
+        return f"head size {head_size} not compiled (WKV CUDA kernels exist for head sizes {HEAD_SIZES})"
+    major, minor = torch.cuda.get_device_capability(device)
+    name = torch.cuda.get_device_name(device)
+    nvcc = _nvcc()
+    if nvcc is None:
+        return "nvcc not found (install the CUDA toolkit or set CUDA_HOME)"
+    from torch.utils import cpp_extension
+
+    if not cpp_extension.is_ninja_available():
+        return "ninja not found (pip install ninja)"
+    release, supported = _nvcc_info(nvcc)
+    if release and torch.version.cuda and release.split(".")[0] != torch.version.cuda.split(".")[0]:
+        return f"nvcc is CUDA {release} but torch was built with CUDA {torch.version.cuda} (major versions must match)"
+    if supported is not None and not any(a <= 10 * major + minor for a in supported):
+        return f"unsupported arch: {name} is sm_{major}{minor}, nvcc {release} compiles for sm_{min(supported)} and up"
+    try:
+        ext = load_extension(head_size, device)
+    except Exception as e:  # compiler or linker failure: report its first error line
+        return f"CUDA extension build failed: {_first_error_line(e)}"
+    try:  # a tiny launch: catches a kernel image the driver cannot run
+        x = torch.zeros(1, 1, 1, head_size, device=device)
+        ext.wkv7_forward(x, x, x, x, x, x, None, False, torch.cuda.current_stream(device).cuda_stream)
+        torch.cuda.synchronize(device)
+    except Exception as e:
+        return f"CUDA kernel launch failed on {name} (sm_{major}{minor}): {_first_error_line(e)}"
+    return None
+
+
+# ----------------------------------------------------------------------------------------
+# Autograd
+# ----------------------------------------------------------------------------------------
+
+
+def _kernel_dtype(x: Tensor) -> torch.dtype:
+    return x.dtype if x.dtype in _KERNEL_DTYPES else torch.float32
+
+
+def _check(r: Tensor, *others: Tensor) -> None:
+    if r.dim() != 4:
+        raise ValueError(f"expected [B, T, H, N] inputs, got shape {tuple(r.shape)}")
+    for x in others:
+        if x.shape != r.shape:
+            raise ValueError(f"input shapes differ: {tuple(r.shape)} vs {tuple(x.shape)}")
+    if r.device.type != "cuda":
+        raise ValueError(f"the WKV CUDA kernels need CUDA tensors, got {r.device}")
+
+
+def _state_in(state: Tensor | None, r: Tensor) -> Tensor | None:
+    if state is None:
+        return None
+    B, _, H, N = r.shape
+    if state.shape != (B, H, N, N):
+        raise ValueError(f"state must be [B, H, N, N] = {(B, H, N, N)}, got {tuple(state.shape)}")
+    return state.to(device=r.device, dtype=torch.float32).contiguous()
+
+
+def _stream(x: Tensor) -> int:
+    """The current CUDA stream of x's device as an integer (what the bindings launch on)."""
+    return torch.cuda.current_stream(x.device).cuda_stream if x.is_cuda else 0
+
+
+def _needs_grad(*xs) -> bool:
+    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in xs)
+
+
+class _WKV7(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ext, r, w, k, v, a, b, s0):
+        y, sT, ckpt, sa = ext.wkv7_forward(r, w, k, v, a, b, s0, True, _stream(r))
+        ctx.ext = ext
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(r, w, k, v, a, b, ckpt, sa)
+        return y, sT
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy, dsT):
+        r, w, k, v, a, b, ckpt, sa = ctx.saved_tensors
+        dy = torch.zeros_like(r) if dy is None else dy.to(r.dtype).contiguous()
+        dsT = None if dsT is None else dsT.float().contiguous()
+        dr, dw, dk, dv, da, db, ds0 = ctx.ext.wkv7_backward(r, w, k, v, a, b, dy, ckpt, sa, dsT, _stream(r))
+        return None, dr, dw, dk, dv, da, db, (ds0 if ctx.needs_input_grad[7] else None)
+
+
+class _WKV6(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ext, r, w, k, v, u, s0):
+        y, sT, ckpt = ext.wkv6_forward(r, w, k, v, u, s0, True, _stream(r))
+        ctx.ext = ext
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(r, w, k, v, u, ckpt)
+        return y, sT
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy, dsT):
+        r, w, k, v, u, ckpt = ctx.saved_tensors
+        dy = torch.zeros_like(r) if dy is None else dy.to(r.dtype).contiguous()
+        dsT = None if dsT is None else dsT.float().contiguous()
+        dr, dw, dk, dv, du, ds0 = ctx.ext.wkv6_backward(r, w, k, v, u, dy, ckpt, dsT, _stream(r))
+        return None, dr, dw, dk, dv, du, (ds0 if ctx.needs_input_grad[6] else None)
+
+
+def wkv7_cuda(r, w, k, v, a, b, state=None) -> tuple[Tensor, Tensor]:
+    """RWKV-7 WKV on CUDA (maths and conventions of :func:`rwkv_peft.model.wkv.wkv7_sequential`).
+
+    r, w, k, v, a, b: [B, T, H, N] CUDA tensors; state: None (zeros) or [B, H, N, N].
+    Returns (y [B, T, H, N] in r's dtype, new_state [B, H, N, N] fp32).
+    """
+    _check(r, w, k, v, a, b)
+    return _wkv7(load_extension(r.shape[-1], r.device), r, w, k, v, a, b, state)
+
+
+def wkv6_cuda(r, w, k, v, u, state=None) -> tuple[Tensor, Tensor]:
+    """RWKV-6 WKV on CUDA (maths and conventions of :func:`rwkv_peft.model.wkv.wkv6_sequential`).
+
+    r, w, k, v: [B, T, H, N] CUDA tensors; u: [H, N]; state: None (zeros) or [B, H, N, N].
+    Returns (y [B, T, H, N] in r's dtype, new_state [B, H, N, N] fp32).
+    """
+    _check(r, w, k, v)
+    return _wkv6(load_extension(r.shape[-1], r.device), r, w, k, v, u, state)
+
+
+# The two functions below hold everything but the choice of extension, so the tests can run
+# them with the kernels built for the CPU (tests/test_cuda_compile.py, host emulation).
+
+
+def _wkv7(ext, r, w, k, v, a, b, state):
+    B, T, H, N = r.shape
+    s0 = _state_in(state, r)
+    if T == 0:
+        return r.new_empty(r.shape), (s0 if s0 is not None else r.new_zeros(B, H, N, N, dtype=torch.float32))
+    dt = _kernel_dtype(r)
+    r_, k_, v_, a_, b_ = (x.to(dt).contiguous() for x in (r, k, v, a, b))
+    w_ = w.to(torch.float32).contiguous()
+    if _needs_grad(r, w, k, v, a, b, state):
+        y, sT = _WKV7.apply(ext, r_, w_, k_, v_, a_, b_, s0)
+    else:
+        y, sT, _, _ = ext.wkv7_forward(r_, w_, k_, v_, a_, b_, s0, False, _stream(r_))
+    return y.to(r.dtype), sT
+
+
+def _wkv6(ext, r, w, k, v, u, state):
+    B, T, H, N = r.shape
+    if u.shape != (H, N):
+        raise ValueError(f"u must be [H, N] = {(H, N)}, got {tuple(u.shape)}")
+    s0 = _state_in(state, r)
+    if T == 0:
+        return r.new_empty(r.shape), (s0 if s0 is not None else r.new_zeros(B, H, N, N, dtype=torch.float32))
+    dt = _kernel_dtype(r)
+    r_, k_, v_ = (x.to(dt).contiguous() for x in (r, k, v))
+    w_ = w.to(torch.float32).contiguous()
+    u_ = u.to(device=r.device, dtype=torch.float32).contiguous()
+    if _needs_grad(r, w, k, v, u, state):
+        y, sT = _WKV6.apply(ext, r_, w_, k_, v_, u_, s0)
+    else:
+        y, sT, _ = ext.wkv6_forward(r_, w_, k_, v_, u_, s0, False, _stream(r_))
+    return y.to(r.dtype), sT

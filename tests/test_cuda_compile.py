@@ -1,0 +1,429 @@
+"""Checks of the CUDA WKV kernels (cuda/) that need no GPU.
+
+1. nvcc: every cuda/*.cu compiles to an object for sm_80 and sm_90, as the extension build
+   compiles it (skipped without nvcc), so syntax and template errors show in CI.
+2. The torch bindings cuda/wkv_op.cpp pass a C++ syntax check against the installed
+   torch headers (a CPU build of torch is enough: the file uses no CUDA headers).
+3. Host emulation: the same kernel sources, compiled by the host C++ compiler with
+   -DWKV_HOST_EMULATION (cuda/wkv_host_emulation.h: one std::thread per CUDA thread, a
+   std::barrier for __syncthreads), run on the CPU: outputs, final states and every
+   gradient against autograd through the float64 sequential reference of
+   rwkv_peft.model.wkv, and the autograd wrappers of rwkv_peft.model.wkv_cuda on top.
+
+All compiles start at once in the background. The file costs about 65 s of CPU time
+(nvcc about half of it, the bindings check a third), i.e. about 35 s on two idle cores;
+without nvcc (CI) about 35 s of CPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rwkv_peft.model import wkv_cuda
+from rwkv_peft.model.wkv import wkv6_sequential, wkv7_sequential
+
+CUDA_DIR = Path(wkv_cuda.__file__).resolve().parents[2] / "cuda"
+CU_FILES = sorted(CUDA_DIR.glob("*.cu"))
+NVCC_ARCHS = (80, 90)
+CXX = shutil.which("g++") or shutil.which("c++")
+
+
+def _nvcc() -> str | None:
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+        return os.path.join(home, "bin", "nvcc")
+    return shutil.which("nvcc") or (
+        "/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
+
+
+def _extension_nvcc_flags() -> list[str]:
+    """The flags torch.utils.cpp_extension.load gives nvcc for our sources (its common ones,
+    then wkv_cuda's), for sm_80 and sm_90 at once."""
+    from torch.utils import cpp_extension
+
+    common = list(getattr(cpp_extension, "COMMON_NVCC_FLAGS", []))
+    std = "-std=c++20" if "-std=c++20" in Path(cpp_extension.__file__).read_text() else "-std=c++17"
+    _, ours = wkv_cuda._build_flags(80, 64, None)
+    ours = [f for f in ours if "arch=" not in f] + [f"-gencode=arch=compute_{a},code=sm_{a}" for a in NVCC_ARCHS]
+    return [*common, "--compiler-options", "-fPIC", std, *ours, f"-I{CUDA_DIR}"]
+
+
+class Builds:
+    """Every compile this file needs, started at once in the background (2 cores: the
+    nvcc, g++ syntax-check and emulation builds overlap); wait() collects one group."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.procs: dict[str, dict[str, subprocess.Popen]] = {}
+
+    def start(self, group: str, commands: dict[str, list[str]]) -> None:
+        self.procs[group] = {label: subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                     text=True) for label, cmd in commands.items()}
+
+    def wait(self, group: str) -> dict[str, subprocess.CompletedProcess]:
+        done = {}
+        for label, p in self.procs[group].items():
+            out, _ = p.communicate(timeout=600)
+            done[label] = subprocess.CompletedProcess(p.args, p.returncode, out, "")
+        return done
+
+    def kill(self) -> None:
+        for group in self.procs.values():
+            for p in group.values():
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+
+
+def _assert_ok(results: dict[str, subprocess.CompletedProcess]) -> None:
+    failed = {label: r for label, r in results.items() if r.returncode != 0}
+    assert not failed, "\n\n".join(f"{label} failed:\n{r.stdout[-4000:]}" for label, r in failed.items())
+
+
+EMU_HEAD_SIZES = (16, 64)  # 16 keeps the emulated runs fast; 64 is the size the models use
+EMU_FLAGS = ["-std=c++20", "-O2", "-fPIC", "-pthread", "-Wall", "-Wno-unknown-pragmas", "-DWKV_HOST_EMULATION"]
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory):
+    b = Builds(tmp_path_factory.mktemp("wkv_builds"))
+    nvcc = _nvcc()
+    if nvcc is not None:  # 1. each .cu to an object for sm_80 and sm_90, the extension's flags, head size 64
+        b.start("nvcc", {cu.name: [nvcc, "-c", *_extension_nvcc_flags(), str(cu), "-o", str(b.out / f"{cu.stem}.o")]
+                         for cu in CU_FILES})
+    if CXX is not None:
+        from torch.utils import cpp_extension
+
+        # 2. the bindings against the installed torch headers
+        includes = [*cpp_extension.include_paths(), sysconfig.get_paths()["include"], str(CUDA_DIR)]
+        b.start("bindings", {"wkv_op.cpp": [
+            CXX, "-std=c++20", "-fsyntax-only", "-Wall", "-D_N_=64", "-DTORCH_EXTENSION_NAME=wkv_syntax_check",
+            "-DTORCH_API_INCLUDE_EXTENSION_H", *(f"-I{p}" for p in includes), str(CUDA_DIR / "wkv_op.cpp")]})
+        # 3. the kernels for the host emulation, and the C shim that the tests call through ctypes
+        (b.out / "shim.cpp").write_text(SHIM)
+        b.start("emulation", {
+            f"{src.stem}_n{n}": [CXX, *EMU_FLAGS, f"-I{CUDA_DIR}", f"-D_N_={n}", "-x", "c++", "-c", str(src), "-o",
+                                 str(b.out / f"{src.stem}_n{n}.o")]
+            for n in EMU_HEAD_SIZES for src in [*CU_FILES, b.out / "shim.cpp"]})
+    yield b
+    b.kill()
+
+
+def test_cuda_sources_present():
+    assert {p.name for p in CU_FILES} >= {"wkv7.cu", "wkv6.cu"}
+    for name in wkv_cuda.SOURCES:
+        assert (CUDA_DIR / name).exists(), name
+
+
+@pytest.mark.skipif(_nvcc() is None, reason="nvcc not found")
+def test_nvcc_compiles_every_kernel(builds):
+    """Each .cu to an object for sm_80 and sm_90, with the extension's flags (head size 64)."""
+    _assert_ok(builds.wait("nvcc"))
+    for cu in CU_FILES:
+        assert (builds.out / f"{cu.stem}.o").stat().st_size > 0
+
+
+@pytest.mark.skipif(CXX is None, reason="no C++ compiler")
+def test_bindings_pass_syntax_check(builds):
+    result = builds.wait("bindings")["wkv_op.cpp"]
+    assert result.returncode == 0, result.stdout[-4000:]
+    # no warnings in our own file either (torch's headers may warn; that is not ours to fix)
+    assert not re.search(r"wkv_op\.cpp:\d+:\d+: warning", result.stdout), result.stdout[-4000:]
+
+
+# ----------------------------------------------------------------------------------------
+# 3. Host emulation
+# ----------------------------------------------------------------------------------------
+
+SHIM = r"""
+#include "wkv.h"
+extern "C" {
+const char* emu_wkv7_forward(int dtype, int B, int T, int H, const void* r, const float* w, const void* k,
+                             const void* v, const void* a, const void* b, const float* s0, void* y, float* sT,
+                             float* ckpt, float* sa) {
+    return wkv7_forward_launch(dtype, B, T, H, r, w, k, v, a, b, s0, y, sT, ckpt, sa, nullptr);
+}
+const char* emu_wkv7_backward(int dtype, int B, int T, int H, const void* r, const float* w, const void* k,
+                              const void* v, const void* a, const void* b, const void* dy, const float* ckpt,
+                              const float* sa, const float* dsT, float* scratch, void* dr, float* dw, void* dk,
+                              void* dv, void* da, void* db, float* ds0) {
+    return wkv7_backward_launch(dtype, B, T, H, r, w, k, v, a, b, dy, ckpt, sa, dsT, scratch, dr, dw, dk, dv,
+                                da, db, ds0, nullptr);
+}
+const char* emu_wkv6_forward(int dtype, int B, int T, int H, const void* r, const float* w, const void* k,
+                             const void* v, const float* u, const float* s0, void* y, float* sT, float* ckpt) {
+    return wkv6_forward_launch(dtype, B, T, H, r, w, k, v, u, s0, y, sT, ckpt, nullptr);
+}
+const char* emu_wkv6_backward(int dtype, int B, int T, int H, const void* r, const float* w, const void* k,
+                              const void* v, const float* u, const void* dy, const float* ckpt,
+                              const float* dsT, float* scratch, void* dr, float* dw, void* dk, void* dv,
+                              float* du_part, float* ds0) {
+    return wkv6_backward_launch(dtype, B, T, H, r, w, k, v, u, dy, ckpt, dsT, scratch, dr, dw, dk, dv,
+                                du_part, ds0, nullptr);
+}
+}
+"""
+
+_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+class EmulatedExtension:
+    """The compiled module's interface (wkv_op.cpp), served by the host-emulated kernels
+    on CPU tensors. Workspaces start as NaN so that a read of an unwritten slot shows."""
+
+    def __init__(self, path: Path, head_size: int):
+        self.lib = ctypes.CDLL(str(path))
+        self.head_size = head_size
+        for name in ("emu_wkv7_forward", "emu_wkv7_backward", "emu_wkv6_forward", "emu_wkv6_backward"):
+            getattr(self.lib, name).restype = ctypes.c_char_p
+
+    def _call(self, name, x, *tensors):
+        B, T, H, N = x.shape
+        assert N == self.head_size
+        for t in tensors:
+            assert t is None or (t.is_contiguous() and t.device.type == "cpu"), name
+        args = [ctypes.c_int(_DTYPE_CODE[x.dtype]), ctypes.c_int(B), ctypes.c_int(T), ctypes.c_int(H)]
+        args += [ctypes.c_void_p(None if t is None else t.data_ptr()) for t in tensors]
+        err = getattr(self.lib, name)(*args)
+        assert err is None, err
+
+    @staticmethod
+    def _nan(*shape):
+        return torch.full(shape, float("nan"))
+
+    def wkv7_forward(self, r, w, k, v, a, b, s0=None, save_for_backward=False, stream=0):
+        B, T, H, N = r.shape
+        nc = -(-T // wkv_cuda.CHUNK_LEN)
+        y, sT = torch.empty_like(r), self._nan(B, H, N, N)
+        ckpt = self._nan(B, H, nc, N, N) if save_for_backward else torch.empty(0)
+        sa = self._nan(B, T, H, N) if save_for_backward else torch.empty(0)
+        self._call("emu_wkv7_forward", r, r, w, k, v, a, b, s0, y, sT,
+                   ckpt if save_for_backward else None, sa if save_for_backward else None)
+        return [y, sT, ckpt, sa]
+
+    def wkv7_backward(self, r, w, k, v, a, b, dy, ckpt, sa, dsT=None, stream=0):
+        B, T, H, N = r.shape
+        dr, dk, dv, da, db = (torch.empty_like(r) for _ in range(5))
+        dw, ds0 = torch.empty_like(w), self._nan(B, H, N, N)
+        scratch = self._nan(B * H, wkv_cuda.CHUNK_LEN, N, N)
+        self._call("emu_wkv7_backward", r, r, w, k, v, a, b, dy, ckpt, sa, dsT, scratch, dr, dw, dk, dv, da, db,
+                   ds0)
+        return [dr, dw, dk, dv, da, db, ds0]
+
+    def wkv6_forward(self, r, w, k, v, u, s0=None, save_for_backward=False, stream=0):
+        B, T, H, N = r.shape
+        nc = -(-T // wkv_cuda.CHUNK_LEN)
+        y, sT = torch.empty_like(r), self._nan(B, H, N, N)
+        ckpt = self._nan(B, H, nc, N, N) if save_for_backward else torch.empty(0)
+        self._call("emu_wkv6_forward", r, r, w, k, v, u, s0, y, sT, ckpt if save_for_backward else None)
+        return [y, sT, ckpt]
+
+    def wkv6_backward(self, r, w, k, v, u, dy, ckpt, dsT=None, stream=0):
+        B, T, H, N = r.shape
+        dr, dk, dv = (torch.empty_like(r) for _ in range(3))
+        dw, ds0, du_part = torch.empty_like(w), self._nan(B, H, N, N), self._nan(B, H, N)
+        scratch = self._nan(B * H, wkv_cuda.CHUNK_LEN, N, N)
+        self._call("emu_wkv6_backward", r, r, w, k, v, u, dy, ckpt, dsT, scratch, dr, dw, dk, dv, du_part, ds0)
+        return [dr, dw, dk, dv, du_part.sum(0), ds0]
+
+
+@pytest.fixture(scope="module")
+def emulated(builds):
+    """{head size: EmulatedExtension}: the kernels built for the host."""
+    if CXX is None:
+        pytest.skip("no C++ compiler")
+    if sys.platform != "linux":
+        pytest.skip("the host emulation build is set up for Linux")
+    results = builds.wait("emulation")
+    if any("<barrier>" in r.stdout and r.returncode for r in results.values()):
+        pytest.skip("the host C++ compiler lacks C++20 <barrier>")
+    _assert_ok(results)
+    exts = {}
+    for n in EMU_HEAD_SIZES:
+        lib = builds.out / f"wkv_emulation_n{n}.so"
+        objs = [str(builds.out / f"{src.stem}_n{n}.o") for src in [*CU_FILES, builds.out / "shim.cpp"]]
+        link = subprocess.run([CXX, "-shared", "-pthread", *objs, "-o", str(lib)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+        _assert_ok({"link": link})
+        exts[n] = EmulatedExtension(lib, n)
+    return exts
+
+
+def _inputs7(B, T, H, N, seed):
+    """Model-like RWKV-7 inputs: w = -softplus(-x) - 0.5, a = -kk, b = kk * rate."""
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randn(B, T, H, N, generator=g) * 0.5
+    w = -F.softplus(-(torch.randn(B, T, H, N, generator=g) * 2 - 1)) - 0.5
+    k = torch.randn(B, T, H, N, generator=g) * 0.5
+    v = torch.randn(B, T, H, N, generator=g)
+    kk = F.normalize(torch.randn(B, T, H, N, generator=g), dim=-1)
+    b = kk * torch.sigmoid(torch.randn(B, T, H, N, generator=g))
+    s0 = torch.randn(B, H, N, N, generator=g) * 0.3
+    return [r, w, k, v, -kk, b], s0, g
+
+
+def _inputs6(B, T, H, N, seed):
+    """RWKV-6 inputs with decays from ~1 down to exp(-e) ~ 0.07 per step."""
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randn(B, T, H, N, generator=g) * 0.5
+    w = torch.rand(B, T, H, N, generator=g) * 7 - 6
+    k = torch.randn(B, T, H, N, generator=g) * 0.5
+    v = torch.randn(B, T, H, N, generator=g)
+    u = torch.randn(H, N, generator=g) * 0.5
+    s0 = torch.randn(B, H, N, N, generator=g) * 0.3
+    return [r, w, k, v, u], s0, g
+
+
+def _rel(x, ref):
+    return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def _compare(fn, ref_fn, ins, s0, g, dtype, bf16_like_inputs):
+    """Run fn (the kernels through the autograd wrapper) and the float64 reference on the
+    same (dtype-rounded) inputs with the same upstream gradients; relative errors."""
+    ins = [x.to(dtype) if i in bf16_like_inputs else x for i, x in enumerate(ins)]
+    B, T, H, N = ins[0].shape
+    gy = torch.randn(B, T, H, N, generator=g).to(dtype)
+    gs = torch.randn(B, H, N, N, generator=g)
+    leaves = [x.clone().requires_grad_() for x in ins] + ([s0.clone().requires_grad_()] if s0 is not None else [])
+    y, sT = fn(*leaves[:len(ins)], leaves[len(ins)] if s0 is not None else None)
+    assert y.dtype == dtype and sT.dtype == torch.float32
+    ((y.float() * gy.float()).sum() + (sT * gs).sum()).backward()
+    refs = [x.detach().double().requires_grad_() for x in leaves]
+    y_ref, s_ref = ref_fn(*refs[:len(ins)], refs[len(ins)] if s0 is not None else None)
+    ((y_ref * gy.double()).sum() + (s_ref * gs.double()).sum()).backward()
+    errs = {"y": _rel(y, y_ref), "state": _rel(sT, s_ref)}
+    for i, (x, xr) in enumerate(zip(leaves, refs)):
+        assert x.grad is not None and x.grad.dtype == x.dtype and x.grad.shape == x.shape
+        errs[f"grad{i}"] = _rel(x.grad, xr.grad)
+    return errs
+
+
+# (B, T, H): T = 1, below one chunk, one chunk exactly, several chunks with a partial last one
+SHAPES = [(1, 1, 1), (2, 5, 2), (1, 16, 1), (2, 37, 2)]
+TOL = {torch.float32: 2e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("with_state", [False, True], ids=["zero-state", "state"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B%dT%dH%d" % s)
+def test_emulated_wkv7_matches_float64_reference(emulated, shape, with_state, dtype):
+    ext = emulated[16]
+    ins, s0, g = _inputs7(*shape, 16, seed=sum(shape))
+    errs = _compare(lambda *x: wkv_cuda._wkv7(ext, *x), wkv7_sequential, ins, s0 if with_state else None, g,
+                    dtype, bf16_like_inputs={0, 2, 3, 4, 5})
+    assert max(errs.values()) < TOL[dtype], errs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("with_state", [False, True], ids=["zero-state", "state"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B%dT%dH%d" % s)
+def test_emulated_wkv6_matches_float64_reference(emulated, shape, with_state, dtype):
+    ext = emulated[16]
+    ins, s0, g = _inputs6(*shape, 16, seed=sum(shape))
+    errs = _compare(lambda *x: wkv_cuda._wkv6(ext, *x), wkv6_sequential, ins, s0 if with_state else None, g,
+                    dtype, bf16_like_inputs={0, 2, 3})
+    assert max(errs.values()) < TOL[dtype], errs
+
+
+@pytest.mark.parametrize("version", [7, 6])
+def test_emulated_head_size_64(emulated, version):
+    ext = emulated[64]
+    if version == 7:
+        ins, s0, g = _inputs7(1, 20, 1, 64, seed=3)
+        fn, ref, low = (lambda *x: wkv_cuda._wkv7(ext, *x)), wkv7_sequential, {0, 2, 3, 4, 5}
+    else:
+        ins, s0, g = _inputs6(1, 20, 1, 64, seed=3)
+        fn, ref, low = (lambda *x: wkv_cuda._wkv6(ext, *x)), wkv6_sequential, {0, 2, 3}
+    for dtype in (torch.float32, torch.bfloat16):
+        errs = _compare(fn, ref, ins, s0, g, dtype, low)
+        assert max(errs.values()) < TOL[dtype], (dtype, errs)
+
+
+def test_emulated_rwkv6_fast_decays(emulated):
+    """RWKV-6 decays down to ~1e-9 per step (w up to 3): no division by the decay anywhere."""
+    ext = emulated[16]
+    ins, s0, g = _inputs6(2, 40, 1, 16, seed=5)
+    ins[1] = torch.rand(ins[1].shape, generator=g) * 9 - 6
+    errs = _compare(lambda *x: wkv_cuda._wkv6(ext, *x), wkv6_sequential, ins, s0, g, torch.float32, {0, 2, 3})
+    assert max(errs.values()) < 2e-6, errs
+
+
+def test_emulated_wrapper_paths(emulated):
+    """No-grad path = grad path; mixed dtypes (w fp32, the rest bf16, as in the model);
+    non-contiguous inputs; float64 computes in fp32; T = 0; the RNN split gives the whole."""
+    ext = emulated[16]
+    ins, s0, _ = _inputs7(2, 21, 2, 16, seed=7)
+    r, w, k, v, a, b = ins
+    with torch.no_grad():
+        y0, s_0 = wkv_cuda._wkv7(ext, r, w, k, v, a, b, s0)
+    leaves = [x.clone().requires_grad_() for x in ins]
+    y1, s_1 = wkv_cuda._wkv7(ext, *leaves, s0)
+    assert torch.equal(y0, y1.detach()) and torch.equal(s_0, s_1.detach())
+
+    # mixed dtypes and a transposed (non-contiguous) r
+    rt = r.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not rt.is_contiguous()
+    lows = [x.to(torch.bfloat16) for x in (rt, k, v, a, b)]
+    y2, _ = wkv_cuda._wkv7(ext, lows[0], w, *lows[1:], s0)
+    y_ref, _ = wkv7_sequential(*(x.double() for x in (lows[0], w, *lows[1:])), s0.double())
+    assert y2.dtype == torch.bfloat16 and _rel(y2, y_ref) < 1e-2
+
+    # float64 in, float64 y out (computed in fp32)
+    y3, s3 = wkv_cuda._wkv7(ext, *(x.double() for x in ins), s0.double())
+    assert y3.dtype == torch.float64 and s3.dtype == torch.float32
+    assert _rel(y3, wkv7_sequential(*(x.double() for x in ins), s0.double())[0]) < 2e-6
+
+    # RNN mode: two calls with the carried state = one call
+    ya, sa_ = wkv_cuda._wkv7(ext, *(x[:, :9] for x in ins), s0)
+    yb, sb = wkv_cuda._wkv7(ext, *(x[:, 9:] for x in ins), sa_)
+    torch.testing.assert_close(torch.cat([ya, yb], 1), y0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sb, s_0, rtol=1e-5, atol=1e-5)
+
+    # T = 0
+    y4, s4 = wkv_cuda._wkv7(ext, *(x[:, :0] for x in ins), s0)
+    assert y4.shape == (2, 0, 2, 16) and torch.equal(s4, s0)
+
+    # RWKV-6: bf16 u with the others fp32; only y used (dsT None); grads reach u and the state
+    r6, w6, k6, v6, u6 = (x.clone() for x in _inputs6(2, 18, 2, 16, seed=9)[0])
+    u6 = u6.to(torch.bfloat16).requires_grad_()
+    state = torch.zeros(2, 2, 16, 16).requires_grad_()
+    y6, _ = wkv_cuda._wkv6(ext, r6, w6, k6, v6, u6, state)
+    y6.sum().backward()
+    assert u6.grad.dtype == torch.bfloat16 and u6.grad.abs().sum() > 0 and state.grad.abs().sum() > 0
+
+
+def test_emulated_checkpoint_memory_only_with_grad(emulated, monkeypatch):
+    """The forward keeps checkpoints only when a gradient is needed."""
+    ext = emulated[16]
+    calls = []
+    forward = ext.wkv7_forward
+
+    def spy(*args):
+        calls.append(args[7])  # save_for_backward
+        return forward(*args)
+
+    monkeypatch.setattr(ext, "wkv7_forward", spy)
+    ins, s0, _ = _inputs7(1, 4, 1, 16, seed=1)
+    wkv_cuda._wkv7(ext, *ins, s0)
+    wkv_cuda._wkv7(ext, *ins, s0.requires_grad_())
+    assert calls == [False, True]
+
+
+def test_cuda_unavailable_reason_is_one_line():
+    reason = wkv_cuda.cuda_unavailable_reason()
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: tests/test_wkv_cuda.py covers it")
+    assert isinstance(reason, str) and reason and "\n" not in reason
+    assert wkv_cuda.cuda_unavailable_reason("cpu") is not None
