@@ -36,6 +36,8 @@ __all__ = [
     "wkv6_sequential",
     "wkv6_chunked",
     "wkv6",
+    "set_op",
+    "get_op",
 ]
 
 # Chunk lengths chosen by measurement with bench/bench_wkv.py on a 2-core CPU
@@ -73,39 +75,56 @@ def _init_state(state: Tensor | None, B: int, H: int, N: int, dtype, device) -> 
     return state.to(dtype)
 
 
-def _pack(xs: list[Tensor], L: int, dt: torch.dtype) -> Tensor:
-    """Stack [B, T, H, N] inputs into one chunked tensor [nc, B, H, G, L, N].
+# Largest per-chunk total decay -c_L whose factor e^{-c_L} is safe to form.
+_MAX_EXPONENT = {torch.float32: 60.0, torch.float64: 600.0}
 
-    One copy per input (casting to the compute dtype on the way); the time axis is
-    zero padded to a multiple of L.  Chunks lead so that ``X[c]`` is contiguous for
-    the scan over chunks.  The slice assignments are differentiable (CopySlices).
+
+def _chunked(x: Tensor, L: int) -> Tensor:
+    """View [B, T, H, N] as chunks [nc, B, H, L, N] (a strided view, no copy).
+
+    When T is not a multiple of L the time axis is first zero padded (a copy).
+    Elementwise ops that take such a view as their second operand, with a contiguous
+    chunk-layout tensor first, write their result in contiguous chunk layout: the
+    re-layout costs no separate pass.
     """
-    B, T, H, N = xs[0].shape
-    full, rem = divmod(T, L)
-    nc = full + (rem > 0)
-    X = torch.empty(nc, B, H, len(xs), L, N, dtype=dt, device=xs[0].device)
-    if rem:
-        X[full].zero_()
-    for g, x in enumerate(xs):
-        if full:
-            X[:full, :, :, g] = x[:, : full * L].reshape(B, full, L, H, N).permute(1, 0, 3, 2, 4)
-        if rem:
-            X[full, :, :, g, :rem] = x[:, full * L :].permute(0, 2, 1, 3)
-    return X
+    B, T, H, N = x.shape
+    pad = (-T) % L
+    if pad:
+        x = F.pad(x, (0, 0, 0, 0, 0, pad))
+    return x.view(B, (T + pad) // L, L, H, N).permute(1, 0, 3, 2, 4)
+
+
+@functools.lru_cache(maxsize=32)
+def _tril_masks(L: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """0/1 masks [L, L] of the strictly lower and the lower (inclusive) triangle."""
+    ones = torch.ones(L, L, dtype=dtype)
+    return ones.tril(-1).to(device), ones.tril().to(device)
+
+
+@functools.lru_cache(maxsize=16)
+def _wkv6_tile_index(L: int, device: torch.device) -> Tensor:
+    """Index map from the concatenated halving pieces of wkv6_chunked to a row-major
+    [L, L] matrix: pieces are [diagonal (L), level m = 1, 2, .., L/2 quadrants
+    (blocks, rows, cols), one zero]; every entry above the diagonal maps to the zero."""
+    idx = torch.full((L, L), -1, dtype=torch.long)
+    idx[range(L), range(L)] = torch.arange(L)
+    pos, m = L, 1
+    while m < L:
+        for blk in range(L // (2 * m)):
+            for i in range(m):
+                for j in range(m):
+                    idx[blk * 2 * m + m + i, blk * 2 * m + j] = pos
+                    pos += 1
+        m *= 2
+    idx[idx < 0] = pos  # the trailing zero
+    return idx.flatten().to(device)
 
 
 def _unpack(y: Tensor, T: int) -> Tensor:
     """[nc, B, H, L, N] -> [B, T, H, N], dropping the padding."""
     nc, B, H, L, N = y.shape
-    return y.permute(1, 0, 3, 2, 4).reshape(B, nc * L, H, N)[:, :T]
-
-
-@functools.lru_cache(maxsize=32)
-def _wkv7_mask(L: int, dt: torch.dtype, device: torch.device) -> Tensor:
-    """Causal mask of the [2L, 2L] RWKV-7 score blocks [[ab, ak], [rb, rk]]."""
-    strict = torch.ones(L, L, dtype=dt, device=device).tril(-1)
-    incl = torch.ones(L, L, dtype=dt, device=device).tril(0)
-    return torch.cat([torch.cat([strict, strict], 1), torch.cat([incl, incl], 1)], 0)
+    y = y.permute(1, 0, 3, 2, 4).reshape(B, nc * L, H, N)
+    return y[:, :T] if nc * L != T else y
 
 
 # ----------------------------------------------------------------------------------
@@ -149,29 +168,31 @@ def wkv7_chunked(r, w, k, v, a, b, state=None, chunk_len=WKV7_CHUNK_LEN) -> tupl
     z_t = S_{t-1} a_t.  The recurrence unrolls to decayed linear attention over the
     two "values" z and v:
 
-        S_t = S_0 G_t + sum_{s<=t} (z_s b_s^T + v_s k_s^T) G_t G_s^-1
-        z_t = S_0 G_{t-1} a_t + sum_{s<t} (z_s b_s^T + v_s k_s^T) G_{t-1} G_s^-1 a_t
+        S_t = (S_0 + sum_{s<=t} z_s b~_s^T + v_s k~_s^T) G_t,    b~_s = G_s^-1 b_s, k~ alike
+        z_t = S_{t-1} a_t = S_0 a~_t + sum_{s<t} z_s (b~_s . a~_t) + v_s (k~_s . a~_t),
+              a~_t = G_{t-1} a_t
 
-    With rows indexed by time, the second line is the unit lower-triangular system
-    (I - M_ab) Z = A0 S_0^T + M_ak V, where M_xy[t, s] = x_t^T G_{t-1} G_s^-1 y_s
-    (s < t) and A0[t] = G_{t-1} a_t.  So Z = W S_0^T + U with W = T A0 and
-    U = T M_ak V, T = (I - M_ab)^-1 (one batched triangular solve): a WY/UT-style form
-    of the product of the chunk's L diag-plus-rank-one transitions.  Then
+    With rows indexed by time and M_xy[t, s] = x~_t . y~_s, the second line is the unit
+    lower-triangular system (I - M_ab) Z = A~ S_0^T + M_ak V (M_ak strictly lower),
+    so Z = W S_0^T + U with W = T A~, U = T M_ak V and T = (I - M_ab)^-1 (one batched
+    triangular solve): a WY/UT-style form of the product of the chunk's L
+    diag-plus-rank-one transitions.  With r~_t = G_t r_t:
 
-        Z^T = S_0 W^T + U^T
-        S_L = S_0 G_L + Z^T B_L + V^T K_L            (B_L[s] = G_L G_s^-1 b_s, same K_L)
-        Y   = R0 S_0^T + M_rb Z + M_rk V             (R0[t] = G_t r_t, M_r* inclusive)
+        Z^T = S_0 W^T + U^T                          (scan, per chunk)
+        S_L = (S_0 + Z^T B~ + V^T K~) G_L            (scan, per chunk)
+        Y   = R~ S_0^T + M_rb Z + M_rk V             (M_r* inclusive lower)
 
-    Everything except the first two lines is computed for all chunks at once with
-    batched matmuls; the scan over chunks is two batched matmuls per chunk.
+    All score blocks, the solve, W, U, V^T K~ and Y are computed for every chunk at
+    once with batched matmuls; the scan over chunks is two small batched matmuls per
+    chunk.
 
     Numerics: relies on the RWKV-7 bound w <= -0.5 (the model computes
-    w = -softplus(-x) - 0.5), i.e. log d >= -exp(-0.5) ~ -0.61 per step.  The decay
-    factors of the scores M are split as e^{c_t - m} e^{m - c_s} around the middle
-    m = c_L / 2 of the chunk, so each factor lies within e^{+-0.61 L / 2} (e^{+-9.7}
-    for L = 32): no overflow in fp32 and no loss of relative precision.  The bound is
-    not checked at run time (that would cost a pass over w); much larger decays
-    (w >> 0) with long chunks would overflow.
+    w = -softplus(-x) - 0.5), i.e. -log d <= exp(-0.5) ~ 0.61 per step, so the key-side
+    factors e^{-c_s} stay below e^{0.61 L} (e^{19.4} for L = 32): far from fp32
+    overflow, and every product of factors equals a decay <= 1 up to rounding.  The
+    bound is not asserted; the only guard is a cheap check on the per-chunk total
+    decay (one max over [nc, B, H, N]) that falls back to shorter chunks when the
+    factors could overflow.
     """
     _check_shapes(r, w, k, v, a, b)
     B, T, H, N = r.shape
@@ -181,64 +202,92 @@ def wkv7_chunked(r, w, k, v, a, b, state=None, chunk_len=WKV7_CHUNK_LEN) -> tupl
     out_dtype = r.dtype
     dt = _compute_dtype(r)
     S = _init_state(state, B, H, N, dt, r.device)
-
-    # One packed tensor [nc, B, H, 6, L, N] (a single copy of each input); the slot
-    # order keeps (a, r) and (b, k) adjacent so both score operands come from one
-    # broadcast multiply.  Slot 0 holds -log d = exp(w); padded steps are zeros, i.e.
-    # d = 1 and a = b = k = v = 0: they leave the state unchanged.
-    X = _pack([torch.exp(w.to(dt)), a, r, b, k, v], L, dt)
-    nc = X.shape[0]
     BH = B * H
-    ew = X[:, :, :, 0]  # -log d_t > 0
-    csum = torch.cumsum(ew, dim=-2)  # -c_t
-    h = 0.5 * csum[..., -1:, :]  # -m, m = c_L / 2
-    lr = h - csum  # c_t - m, within [-h, h]
-    # Query-side factors e^{c_{t-1} - m} (for a) and e^{c_t - m} (for r).
-    q = X[:, :, :, 1:3] * torch.exp(torch.stack([lr + ew, lr], dim=3))  # [a~; r~]
-    kb = X[:, :, :, 3:5] * torch.exp(-lr).unsqueeze(3)  # [b~; k~]  (e^{m - c_s})
-    q2 = q.view(nc, B, H, 2 * L, N)
-    kb2 = kb.view(nc, B, H, 2 * L, N)
-    # All four score blocks in one matmul, masked causally: strictly lower for the
-    # a-rows (z_t only sees s < t), inclusive for the r-rows (y_t sees s <= t).
-    P = (q2 @ kb2.transpose(-1, -2)) * _wkv7_mask(L, dt, r.device)
-    M_ab, M_ak = P[..., :L, :L], P[..., :L, L:]
-    M_rb, M_rk = P[..., L:, :L], P[..., L:, L:]
+    r, k, v, a, b = (x.to(dt) for x in (r, k, v, a, b))  # no-op unless bf16/fp16
 
-    # T = (I - M_ab)^-1: unitriangular solve (the diagonal of -M_ab, zero, is ignored).
+    # Chunked views [nc, B, H, L, N] of the inputs (no copy unless T needs padding).
+    # Padded steps are zeros, with the decay padded as -log d = exp(w) = 0, i.e.
+    # d = 1, and a = b = k = v = 0: they leave the state unchanged and their outputs
+    # are dropped.
+    ew = _chunked(torch.exp(w.to(dt)), L).contiguous()  # -log d_t > 0
+    a_, r_, b_, k_ = (_chunked(x, L) for x in (a, r, b, k))
+    nc = ew.shape[0]
+    # (cumsum is ~3x faster on the contiguous copy than on the strided view)
+    csum = torch.cumsum(ew, dim=-2)  # -c_t >= 0
+    csum_end = csum[..., -1:, :]  # -c_L
+    if L > 1 and float(csum_end.detach().max()) > _MAX_EXPONENT[dt]:
+        # Decays far outside the RWKV-7 range: e^{-c_s} could overflow.
+        y, S = wkv7_chunked(r, w, k, v, a, b, state, chunk_len=L // 2)
+        return y.to(out_dtype), S
+
+    # Decay factors: e^{-c_t} (>= 1, key side), e^{c_t} (<= 1, r) and e^{c_{t-1}}
+    # (<= 1, a: the r factor shifted one step, 1 at the chunk start).
+    e_inv = torch.exp(csum)
+    e_r = torch.reciprocal(e_inv)
+    e_a = F.pad(e_r[..., :-1, :], (0, 0, 1, 0), value=1.0)
+    # Decay-scaled operands.  The factor comes first so that the product is laid out
+    # like it (contiguous chunks): scaling and re-layout of the input in one pass.
+    a_t = e_a * a_  # a~ = e^{c_{t-1}} a
+    r_t = e_r * r_  # r~ = e^{c_t} r
+    b_t = e_inv * b_  # b~ = e^{-c_t} b
+    k_t = e_inv * k_  # k~ = e^{-c_t} k
+    vv = _chunked(v, L).contiguous()
+
+    # Score blocks M_xy = x~ y~^T, masked causally: strictly lower for the a-rows
+    # (z_t only sees s < t), inclusive for the r-rows.  M_ab needs no mask: the
+    # unitriangular solve reads only below the diagonal.
+    # (Multiplying by cached 0/1 masks: torch.tril launches threads even for tiny
+    # inputs, which costs milliseconds per call when the other core is busy.)
+    strict, incl = _tril_masks(L, dt, r.device)
+    M_ab = a_t @ b_t.transpose(-1, -2)
+    M_ak = (a_t @ k_t.transpose(-1, -2)) * strict
+    M_rb = (r_t @ b_t.transpose(-1, -2)) * incl
+    M_rk = (r_t @ k_t.transpose(-1, -2)) * incl
+
     eye = torch.eye(L, dtype=dt, device=r.device)
     Tinv = torch.linalg.solve_triangular(-M_ab, eye, upper=False, unitriangular=True)
-    em = torch.exp(-h)  # e^{m}: moves factors from the middle to the chunk start/end
-    qe = q * em.unsqueeze(3)  # [A0; R0]   (e^{c_{t-1}}, e^{c_t}: <= 1)
-    kbe = kb * em.unsqueeze(3)  # [B_L; K_L] (e^{c_L - c_s}: <= 1)
-    vv = X[:, :, :, 5]
-    W = Tinv @ qe[:, :, :, 0]
+    W = Tinv @ a_t
     U = (Tinv @ M_ak) @ vv
-    VK = vv.transpose(-1, -2) @ kbe[:, :, :, 1]  # V^T K_L
-    g = torch.exp(-2.0 * h)  # e^{c_L}, [nc, B, H, 1, N]
+    # Fold the chunk's decay G_L into the key side of the state update:
+    # S_L = S_0 G_L + Z^T B_L + V^T K_L, with B_L = b~ G_L, K_L = k~ G_L (<= 1).
+    g = e_r[..., -1:, :]  # e^{c_L}, [nc, B, H, 1, N]
+    BL = b_t * g
+    VK = vv.transpose(-1, -2) @ (k_t * g)  # V^T K_L, [N value, N key]
 
-    # Sequential scan over chunks (batched over B*H).
-    Wt = W.view(nc, BH, L, N).transpose(-1, -2)
-    Ut = U.view(nc, BH, L, N).transpose(-1, -2)
-    BL = kbe[:, :, :, 0].reshape(nc, BH, L, N)
-    VK = VK.view(nc, BH, N, N)
-    g = g.view(nc, BH, 1, N)
+    # Sequential scan over chunks, batched over B*H.  unbind() gives per-chunk views
+    # whose backward is a single stack (indexing [i] would cost a full-size zero
+    # tensor per chunk in backward).
+    Wt = W.view(nc, BH, L, N).transpose(-1, -2).unbind(0)
+    Ut = U.view(nc, BH, L, N).transpose(-1, -2).unbind(0)
+    BL = BL.view(nc, BH, L, N).unbind(0)
+    VK = VK.view(nc, BH, N, N).unbind(0)
+    g = g.view(nc, BH, 1, N).unbind(0)
     S = S.reshape(BH, N, N)
     starts, zs = [], []
     for i in range(nc):
         starts.append(S)
         Zt = torch.baddbmm(Ut[i], S, Wt[i])  # Z^T = S_0 W^T + U^T, [BH, N, L]
         zs.append(Zt)
-        S = torch.baddbmm(torch.addcmul(VK[i], S, g[i]), Zt, BL[i])
-    S0t = torch.stack(starts).view(nc, B, H, N, N).transpose(-1, -2)
-    Z = torch.stack(zs).view(nc, B, H, N, L).transpose(-1, -2)
+        # S_0 G_L + V^T K_L in one pass, then += Z^T B_L in place (addcmul does not
+        # keep its output for backward, so the in-place update is safe).
+        S = torch.addcmul(VK[i], S, g[i]).baddbmm_(Zt, BL[i])
+    S0 = torch.stack(starts).view(nc * BH, N, N)
+    Z = torch.stack(zs).view(nc * BH, N, L)
 
-    # Outputs of all chunks at once.
-    y = qe[:, :, :, 1] @ S0t + M_rb @ Z + M_rk @ vv
-    return _unpack(y, T).to(out_dtype), S.view(B, H, N, N)
+    # Outputs of all chunks at once: Y = M_rk V + M_rb Z + R~ S_0^T (accumulated in
+    # place into the first product's fresh output).
+    y = torch.bmm(M_rk.view(nc * BH, L, L), vv.view(nc * BH, L, N))
+    y.baddbmm_(M_rb.view(nc * BH, L, L), Z.transpose(-1, -2))
+    y.baddbmm_(r_t.view(nc * BH, L, N), S0.transpose(-1, -2))
+    return _unpack(y.view(nc, B, H, L, N), T).to(out_dtype), S.view(B, H, N, N)
 
 
 def wkv7(r, w, k, v, a, b, state=None) -> tuple[Tensor, Tensor]:
-    """RWKV-7 WKV, default implementation (currently :func:`wkv7_chunked`)."""
+    """RWKV-7 WKV: the CUDA kernel for GPU tensors when it is usable (see set_op), else chunked."""
+    if _use_cuda(r):
+        from .wkv_cuda import wkv7_cuda
+
+        return wkv7_cuda(r, w, k, v, a, b, state)
     return wkv7_chunked(r, w, k, v, a, b, state)
 
 
@@ -280,63 +329,140 @@ def wkv6_chunked(r, w, k, v, u, state=None, chunk_len=WKV6_CHUNK_LEN) -> tuple[T
     Inside a chunk (local t = 1..L, state S_0 at its start, c_t = sum_{i<=t} log d_i
     per key channel, c_0 = 0):
 
-        y_t = (r_t e^{c_{t-1}})^T S_0 + sum_{s<t} A[t, s] v_s + (r_t . u . k_t) v_t
+        y_t = (e^{c_{t-1}} r_t)^T S_0 + sum_{s<t} A[t, s] v_s + (r_t . u . k_t) v_t
         A[t, s] = sum_i r_t[i] k_s[i] e^{c_{t-1}[i] - c_s[i]}          (s < t)
-        S_L = diag(e^{c_L}) S_0 + sum_s (k_s e^{c_L - c_s}) v_s^T
+        S_L = diag(e^{c_L}) S_0 + sum_s (e^{c_L - c_s} k_s) v_s^T
 
-    RWKV-6 decays are unbounded (log d = -exp(w) can be -20 per step), so A's decay
-    factors are computed from pairwise differences c_{t-1} - c_s <= 0 (never as a
-    product of a large and a small exponential); every exponent used is <= 0, so the
-    form is finite and accurate for any w.  The scan over chunks is an elementwise
-    decay plus add per chunk.
+    RWKV-6 decays are unbounded (-log d = exp(w) reaches ~20 per step), so the
+    factor e^{c_{t-1} - c_s} may not be split around a fixed point of the chunk: one
+    side would overflow.  A is built by recursive halving instead: in every block of
+    2m steps, the pairs (t in the right half, s in the left half) are split around
+    the block's midpoint p,
+
+        e^{c_{t-1} - c_s} = e^{c_{t-1} - c_p} * e^{c_p - c_s},   both exponents <= 0,
+
+    so each quadrant is one batched matmul of decay-scaled r and k, and the
+    log2(L) levels (m = L/2, ..., 1) cover every pair s < t exactly once.  Every
+    exponent used anywhere is <= 0: finite and accurate for any w.  The scan over
+    chunks is one elementwise decay-and-add per chunk.  chunk_len must be a power
+    of two.
     """
     _check_shapes(r, w, k, v)
     B, T, H, N = r.shape
     if u.shape != (H, N):
         raise ValueError(f"u must be [H, N] = {(H, N)}, got {tuple(u.shape)}")
     L = int(chunk_len)
-    if L < 1:
-        raise ValueError("chunk_len must be >= 1")
+    if L < 1 or L & (L - 1):
+        raise ValueError(f"chunk_len must be a power of two, got {chunk_len}")
     out_dtype = r.dtype
     dt = _compute_dtype(r)
     S = _init_state(state, B, H, N, dt, r.device)
-    u = u.to(dt)
-
-    # Packed [nc, B, H, 4, L, N]; slot 0 holds -log d = exp(w).  Padded steps are
-    # zeros: d = 1, r = k = v = 0, so they change neither outputs nor state.
-    X = _pack([torch.exp(w.to(dt)), r, k, v], L, dt)
-    nc = X.shape[0]
     BH = B * H
-    ew, rr, kk, vv = X.unbind(3)
-    csum = torch.cumsum(ew, dim=-2)  # -c_t
+    r, k, v, u = (x.to(dt) for x in (r, k, v, u))  # no-op unless bf16/fp16
+
+    # Chunked views [nc, B, H, L, N] (no copy unless T needs padding); padded steps
+    # are zeros with -log d = exp(w) = 0: d = 1, r = k = v = 0, so they change
+    # neither outputs nor state.
+    ew = _chunked(torch.exp(w.to(dt)), L).contiguous()  # -log d_t >= 0 (contiguous:
+    r_, k_ = _chunked(r, L), _chunked(k, L)  # cumsum is ~3x faster than on the view)
+    vv = _chunked(v, L).contiguous()
+    nc = ew.shape[0]
+    csum = torch.cumsum(ew, dim=-2)  # -c_t, contiguous chunk layout
     cprev = csum - ew  # -c_{t-1}
     csum_end = csum[..., -1:, :]  # -c_L
 
-    # Pairwise exponents c_{t-1} - c_s = csum_s - cprev_t, [.., L(t), L(s), N].  They
-    # are <= 0 for s < t; the s >= t entries (possibly > 0) are clamped to 0 so they
-    # cannot overflow, and are masked out of A below.
-    diff = (csum.unsqueeze(-3) - cprev.unsqueeze(-2)).clamp(max=0.0)
-    # A[t, s] = sum_i r_t[i] (e^{diff[t, s, i]} k_s[i]): a batched mat-vec per (chunk, t).
-    A = (rr.unsqueeze(-2) @ (torch.exp(diff) * kk.unsqueeze(-3)).transpose(-1, -2)).squeeze(-2)
-    strict = torch.ones(L, L, dtype=torch.bool, device=r.device).tril(-1)
-    bonus = (rr * u.unsqueeze(-2) * kk).sum(-1)  # r_t . u . k_t
-    A = torch.where(strict, A, A.new_zeros(())) + torch.diag_embed(bonus)
-    y_intra = A @ vv
+    # Intra-chunk scores A by recursive halving.  Level m (m = 1, 2, .., L/2) gives
+    # the [m, m] quadrants (t in the right half, s in the left half) of the blocks of
+    # 2m steps; with the bonus diagonal they tile the lower triangle of A exactly
+    # once, so A is one gather from their concatenation (zeros above the diagonal).
+    pieces = [(r_ * k_ * u.unsqueeze(-2)).sum(-1)]  # diagonal: r_t . u . k_t
+    m = 1
+    while m < L:
+        shape = (nc, B, H, L // (2 * m), 2, m, N)
+        cs, cp = csum.view(shape), cprev.view(shape)
+        mid = cs[..., 0, m - 1 :, :]  # -c_p at the end of each left half
+        # t in the right half: e^{c_{t-1} - c_p} r_t; s in the left half: e^{c_p - c_s} k_s.
+        r_hat = torch.exp(mid - cp[..., 1, :, :]) * r_.reshape(shape)[..., 1, :, :]
+        k_hat = torch.exp(cs[..., 0, :, :] - mid) * k_.reshape(shape)[..., 0, :, :]
+        pieces.append((r_hat @ k_hat.transpose(-1, -2)).view(nc, B, H, -1))
+        m *= 2
+    pieces.append(csum.new_zeros(nc, B, H, 1))
+    A = torch.cat(pieces, dim=-1).index_select(-1, _wkv6_tile_index(L, r.device))
+    A = A.view(nc, B, H, L, L)
 
-    # Chunk-level state map S_L = diag(e^{c_L}) S_0 + K_L^T V, all exponents <= 0.
-    g = torch.exp(-csum_end).transpose(-1, -2).reshape(nc, BH, N, 1)
-    C_c = ((kk * torch.exp(csum - csum_end)).transpose(-1, -2) @ vv).view(nc, BH, N, N)
+    # Chunk-level state map S_L = diag(e^{c_L}) S_0 + K_L^T V, exponents <= 0.
+    g = torch.exp(csum_end.neg()).transpose(-1, -2).reshape(nc, BH, N, 1).unbind(0)
+    K_L = torch.exp(csum - csum_end) * k_
+    C_c = (K_L.transpose(-1, -2) @ vv).view(nc, BH, N, N).unbind(0)
     S = S.reshape(BH, N, N)
     starts = []
     for i in range(nc):
         starts.append(S)
         S = torch.addcmul(C_c[i], g[i], S)
-    S0 = torch.stack(starts).view(nc, B, H, N, N)
+    S0 = torch.stack(starts)  # [nc, BH, N, N]
 
-    y = (rr * torch.exp(-cprev)) @ S0 + y_intra
-    return _unpack(y, T).to(out_dtype), S.view(B, H, N, N)
+    # y = e^{c_{t-1}} r S_0 + A V
+    r_t = torch.exp(cprev.neg()) * r_
+    y = torch.baddbmm(
+        (A @ vv).view(nc * BH, L, N), r_t.view(nc * BH, L, N), S0.view(nc * BH, N, N)
+    )
+    return _unpack(y.view(nc, B, H, L, N), T).to(out_dtype), S.view(B, H, N, N)
 
 
 def wkv6(r, w, k, v, u, state=None) -> tuple[Tensor, Tensor]:
-    """RWKV-6 WKV, default implementation (currently :func:`wkv6_chunked`)."""
+    """RWKV-6 WKV: the CUDA kernel for GPU tensors when it is usable (see set_op), else chunked."""
+    if _use_cuda(r):
+        from .wkv_cuda import wkv6_cuda
+
+        return wkv6_cuda(r, w, k, v, u, state)
     return wkv6_chunked(r, w, k, v, u, state)
+
+
+# ----------------------------------------------------------------------------------
+# Choosing the implementation
+# ----------------------------------------------------------------------------------
+
+OPS = ("auto", "cuda", "torch")
+_op = "auto"  # process-wide, set once at start-up by the trainer (--op) or by tests
+
+
+def set_op(name: str) -> None:
+    """'auto': the CUDA kernel for GPU tensors when it builds, else PyTorch (with one warning
+    naming the cause); 'cuda': the kernel or an error; 'torch': always the PyTorch forms."""
+    global _op
+    if name not in OPS:
+        raise ValueError(f"WKV op must be one of {', '.join(OPS)}, got {name!r}")
+    _op = name
+
+
+def get_op() -> str:
+    return _op
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_fallback(reason: str) -> None:
+    import warnings
+
+    warnings.warn(f"WKV CUDA kernel unavailable ({reason}); using the PyTorch implementation", stacklevel=3)
+
+
+def _use_cuda(r: Tensor) -> bool:
+    if _op == "torch" or r.dtype == torch.float64:
+        return False
+    if r.device.type != "cuda":
+        if _op == "cuda":
+            from ..errors import RWKVPeftError
+
+            raise RWKVPeftError("--op cuda needs the model on a CUDA GPU; use --op auto or torch on the CPU")
+        return False
+    from .wkv_cuda import cuda_unavailable_reason
+
+    reason = cuda_unavailable_reason(r.device, r.shape[-1])
+    if reason is None:
+        return True
+    if _op == "cuda":
+        from ..errors import RWKVPeftError
+
+        raise RWKVPeftError(f"--op cuda: the WKV CUDA kernel cannot be used: {reason}")
+    _warn_fallback(reason)
+    return False

@@ -23,6 +23,7 @@ from ..data.tokenizer import load_tokenizer
 from ..errors import RWKVPeftError
 from ..io import atomic_write, save_tensor_file_atomic
 from ..model import RWKVConfig, create_model, load_model
+from ..model.wkv import set_op as set_wkv_op
 from ..peft.adapt import parse_rules, plan_adapters, prepare_peft, trainable_summary
 from ..peft.adapter_file import describe_base, save_adapter
 from .args import TrainArgs
@@ -201,6 +202,9 @@ def _prepare(args: TrainArgs, main: bool, world: int) -> dict:
     if not args.dry_run:
         _check_writable(proj_dir)
     config = deepspeed_config(args, world)  # a user's JSON may set the batch sizes and precision
+    set_wkv_op(args.op)
+    if args.op == "cuda" and not torch.cuda.is_available():
+        raise RWKVPeftError("--op cuda needs a CUDA GPU; use --op auto or torch here")
 
     tokenizer = load_tokenizer(args.tokenizer)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
