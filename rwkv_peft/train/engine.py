@@ -55,7 +55,8 @@ def deepspeed_config(args: TrainArgs, world_size: int) -> dict:
     """The DeepSpeed config from the flags; a user's JSON wins where both set a value."""
     stage = int(args.strategy.split("_")[2])
     zero = {"stage": stage, "contiguous_gradients": True, "overlap_comm": torch.cuda.is_available()}
-    if args.strategy.endswith("offload"):
+    offload = args.strategy.endswith("offload")
+    if offload:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
         if stage == 3:
             zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
@@ -71,6 +72,9 @@ def deepspeed_config(args: TrainArgs, world_size: int) -> dict:
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
     }
+    if offload and not torch.cuda.is_available():
+        # on a CPU-only machine the optimizer is on the CPU anyway: torch's AdamW is fine there
+        config["zero_force_ds_cpu_optimizer"] = False
     if args.deepspeed_config:
         path = Path(args.deepspeed_config)
         try:
@@ -113,6 +117,17 @@ def _deepspeed_checkpoint_classes() -> list:
     from deepspeed.utils.tensor_fragment import fragment_address
 
     return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def make_optimizer(param_groups, args: TrainArgs, device: torch.device):
+    """AdamW: DeepSpeed's CPU Adam when ZeRO offloads the optimizer from a GPU (built once on
+    first use), else torch's (fused on GPUs), which needs no compiled op."""
+    betas, eps = (args.beta1, args.beta2), args.adam_eps
+    if args.strategy.endswith("offload") and device.type == "cuda":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(param_groups, lr=args.lr_init, betas=betas, eps=eps, adamw_mode=True)
+    return torch.optim.AdamW(param_groups, lr=args.lr_init, betas=betas, eps=eps, fused=device.type == "cuda")
 
 
 def weights_only_load(path, map_location=None):
