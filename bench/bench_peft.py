@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from rwkv_peft.peft.methods import make_method  # noqa: E402
+from rwkv_peft.peft.methods import Bat, make_method  # noqa: E402
 
 MiB = 1 << 20
 
@@ -249,6 +249,100 @@ def table_pissa(res):
 
 # ----------------------------------------------------------------------------------------
 
+class MaterializedBat(Bat):
+    """Bat as the published implementations run it: build W + delta every step."""
+
+    def forward(self, x, weight):
+        return F.linear(x, weight + self.delta(weight).to(weight.dtype))
+
+
+def bench_block(args, log):
+    """One whole RWKV-7 block at C=2048: every default target adapted, forward + backward."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from official_layout import rwkv7_state_dict
+
+    from rwkv_peft import load_model
+    from rwkv_peft.peft import methods as methods_module
+    from rwkv_peft.peft.adapt import plan_adapters, prepare_peft
+
+    C, T = 2048, args.T
+    sd = rwkv7_state_dict(n_layer=1, n_embd=C, head_size=64, vocab=16, dims=(96, 96, 64, 256), seed=0)
+    setups = [("frozen block", None), ("LoRA r=32", ("lora", {"r": 32, "alpha": 32})),
+              ("PiSSA r=32", ("pissa", {"r": 32})), ("Bone r=64", ("bone", {"r": 64})),
+              ("Bat r=64", ("bat", {"r": 64})), ("Bat r=64, materialized delta", ("bat-mat", {"r": 64}))]
+    g = torch.Generator().manual_seed(0)
+    results = []
+    for label, choice in setups:
+        model = load_model(sd, dtype=torch.float32).train()
+        if choice is None:
+            for p in model.parameters():
+                p.requires_grad_(False)
+        else:
+            name, hp = choice
+            if name == "bat-mat":  # swap the class in for this run only
+                methods_module.METHODS["bat"] = MaterializedBat
+                name = "bat"
+            try:
+                prepare_peft(model, plan_adapters(model, [], (name, hp)))
+            finally:
+                methods_module.METHODS["bat"] = Bat
+            with torch.no_grad():  # nonzero adapters, as after some training
+                for p in model.parameters():
+                    if p.requires_grad:
+                        p.add_(0.01 * torch.randn(p.shape, generator=g))
+        block = model.blocks[0]
+        params = [p for p in block.parameters() if p.requires_grad]
+        trainable = sum(p.numel() for p in params)
+        for B in args.batches:
+            x = torch.randn(B, T, C, generator=g)
+            before = {t.untyped_storage().data_ptr() for t in [x, *block.parameters(), *block.buffers()]}
+            saved = []
+
+            def pack(t):
+                saved.append(t)
+                return t
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                y, _, _ = block(x.requires_grad_(True), None)
+            seen = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved
+                    if t.untyped_storage().data_ptr() not in before}
+            saved_bytes = sum(seen.values())
+            del y, saved
+            gy = torch.randn(B, T, C, generator=g)
+            times = []
+            for i in range(args.warmup + args.block_repeats):
+                x.grad = None
+                for p in params:
+                    p.grad = None
+                t0 = time.perf_counter()
+                out, _, _ = block(x, None)
+                out.backward(gy)
+                if i >= args.warmup:
+                    times.append(time.perf_counter() - t0)
+            results.append(dict(B=B, T=T, C=C, variant=label, trainable=trainable,
+                                time_ms=1e3 * statistics.median(times), saved_bytes=saved_bytes))
+        log(f"  {label} done")
+    return results
+
+
+def table_block(results):
+    lines = ["| whole block (C=2048, T=512) | trainable | " + " | ".join(
+        f"B={B} fwd+bwd ms (vs frozen) | B={B} saved MiB (vs Bone)" for B in sorted({r['B'] for r in results})) + " |"]
+    batches = sorted({r["B"] for r in results})
+    lines.append("|---|---:|" + "---:|---:|" * len(batches))
+    by = {(r["variant"], r["B"]): r for r in results}
+    for variant in dict.fromkeys(r["variant"] for r in results):
+        cells = []
+        for B in batches:
+            r, frozen, bone = by[(variant, B)], by[("frozen block", B)], by[("Bone r=64", B)]
+            cells.append(f"{r['time_ms']:.0f} ({r['time_ms'] / frozen['time_ms']:.2f}x)")
+            cells.append(f"{r['saved_bytes'] / 2**20:.0f} ({r['saved_bytes'] / bone['saved_bytes']:.2f}x)")
+        lines.append(f"| {variant} | {by[(variant, batches[0])]['trainable']:,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller grid: B=1,2, fewer repeats, 4 PiSSA blocks")
@@ -257,6 +351,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--layers", type=int, default=None, help="RWKV-7 0.4B blocks for the PiSSA init (24 = whole model)")
     ap.add_argument("--skip-pissa-init", action="store_true")
+    ap.add_argument("--block", action="store_true", help="only the whole-block benchmark (C=2048)")
+    ap.add_argument("--block-repeats", type=int, default=3, help="timed repeats per block variant")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -274,6 +370,16 @@ def main():
                cpus=os.cpu_count(), machine=platform.machine(),
                loadavg_start=os.getloadavg() if hasattr(os, "getloadavg") else None)
     log(f"benchmarking ({command}) ...")
+    if args.block:
+        block = bench_block(args, log)
+        print(f"# Whole RWKV-7 block (CPU)\n\ncommand: `{command}`\n")
+        print("Adapters on every default target (att.receptance/key/value/output, ffn.key/value); time is the "
+              f"median of {args.block_repeats} forward + backward passes after {args.warmup} warm-up; memory is "
+              "what autograd saves for backward that the forward created (weights excluded).\n")
+        print(table_block(block))
+        if args.json:
+            args.json.write_text(json.dumps(dict(command=command, block=block), indent=1))
+        return
     t0 = time.perf_counter()
     linear = bench_linear(args, log)
     pissa = None if args.skip_pissa_init else bench_pissa_init(args, log)
