@@ -62,9 +62,9 @@ def make_inputs(version: int, B: int, T: int, H: int, seed: int = 0) -> list[tor
     return [r, w, k, v, u]
 
 
-def _time_pair(fns, warmup: int, min_runs: int, budget_s: float) -> list[float]:
-    """Median wall time (ms) of each fn, runs interleaved; >= min_runs runs each,
-    more (up to 9) while the pair costs less than budget_s in total."""
+def _time_pair(fns, warmup: int, min_runs: int, budget_s: float) -> list[list[float]]:
+    """Wall times (ms) of each fn, runs interleaved; >= min_runs runs each, more (up
+    to 9) while the pair costs less than budget_s in total."""
     for f in fns:
         for _ in range(warmup):
             f()
@@ -78,7 +78,17 @@ def _time_pair(fns, warmup: int, min_runs: int, budget_s: float) -> list[float]:
         n = len(times[0])
         if n >= 9 or (n >= min_runs and time.perf_counter() - start > budget_s):
             break
-    return [statistics.median(ts) * 1e3 for ts in times]
+    return [[t * 1e3 for t in ts] for ts in times]
+
+
+def _timing(name: str, loop_ts: list[float], chk_ts: list[float]) -> dict:
+    return dict(
+        loop_ms=statistics.median(loop_ts),
+        chunked_ms=statistics.median(chk_ts),
+        loop_ms_all=loop_ts,
+        chunked_ms_all=chk_ts,
+        mode=name,
+    )
 
 
 def bench_case(version: int, B: int, T: int, H: int, min_runs: int, budget_s: float) -> list[dict]:
@@ -99,7 +109,7 @@ def bench_case(version: int, B: int, T: int, H: int, min_runs: int, budget_s: fl
     diff = max((y_chk - y_loop).abs().max().item(), (s_chk - s_loop).abs().max().item())
     ref = max(y_loop.abs().max().item(), s_loop.abs().max().item())
     t_loop, t_chk = _time_pair([fwd(seq), fwd(chk)], 1, min_runs, budget_s)
-    rows.append(dict(mode="fwd", loop_ms=t_loop, chunked_ms=t_chk, max_abs_diff=diff, ref_max=ref))
+    rows.append(dict(_timing("fwd", t_loop, t_chk), max_abs_diff=diff, ref_max=ref))
 
     # forward + backward
     g = torch.Generator().manual_seed(1)
@@ -122,7 +132,7 @@ def bench_case(version: int, B: int, T: int, H: int, min_runs: int, budget_s: fl
     diff = max((a - b).abs().max().item() for a, b in zip(g_chk, g_loop))
     ref = max(b.abs().max().item() for b in g_loop)
     t_loop, t_chk = _time_pair([fwd_bwd(seq), fwd_bwd(chk)], 1, min_runs, budget_s)
-    rows.append(dict(mode="fwd+bwd", loop_ms=t_loop, chunked_ms=t_chk, max_abs_diff=diff, ref_max=ref))
+    rows.append(dict(_timing("fwd+bwd", t_loop, t_chk), max_abs_diff=diff, ref_max=ref))
 
     for row in rows:
         row.update(version=version, B=B, T=T, H=H, N=N, speedup=row["loop_ms"] / row["chunked_ms"])

@@ -4,10 +4,12 @@ Two forms of each recurrence:
 
 * ``wkv*_sequential``: the plain per-token loop.  It is the reference for the tests
   (works in float64) and the baseline of ``bench/bench_wkv.py``.
-* ``wkv*_chunked``: the same maths in chunked matrix form, used by default.  All
-  intra-chunk work is done at once for every chunk with a few batched matmuls; only a
-  short scan over chunks (one batched op per chunk) carries the state.  It is
-  differentiable through ordinary autograd.
+* ``wkv*_chunked``: the same maths in chunked matrix form, used by default on the
+  CPU.  All intra-chunk work is done at once for every chunk with a few batched
+  matmuls; only a short scan over chunks (one to three batched ops per chunk) carries
+  the state.  Differentiable through ordinary autograd (no custom backward).  On the
+  CPU, large inputs are processed in independent groups of (batch, head) pairs so that
+  the temporaries stay in cache (see ``_in_groups``).
 
 Conventions (batch first, heads split):
 
@@ -40,16 +42,16 @@ __all__ = [
     "get_op",
 ]
 
-# Chunk lengths chosen by measurement with bench/bench_wkv.py on a 2-core CPU
-# (N=64, T in 512..2048, B*H in 4..64, forward and forward+backward).
-# RWKV-7: 16 and 32 are within a few per cent of each other; 64 is slower (the
-# triangular solve and the [2L, 2L] score blocks grow as L^2 per token) and costs a
-# larger exponent range in the factored decays (see _wkv7_intra).  32 halves the
-# number of sequential scan steps against 16, which matters most for small B*H where
-# per-op overhead dominates, so 32.
-# RWKV-6: the diagonal block needs pairwise decay factors (an [L, L, N] tensor per
-# chunk; memory and time grow linearly in L), while the scan cost falls as 1/L.
-# 16 measured best (8: too many scan steps; 32: twice the pairwise work).
+# Chunk lengths, chosen by measurement on the 2-core CPU (N = 64, B*H in 4..64,
+# T in 512..2048, forward and forward+backward, 16 / 32 / 64 compared in the same runs):
+# * RWKV-7: 32.  Per token, the score blocks and the triangular solve cost O(L N) and
+#   O(L^2), the scan and the state terms O(N^2) (independent of L), and the number of
+#   sequential scan steps is T / L.  32 was fastest everywhere (16: 0-15% slower,
+#   mostly from twice the scan steps; 64: 15-40% slower from the L-sized blocks).
+#   The key-side decay factors then stay below e^{0.61 * 32} ~ 3e8 (see below).
+# * RWKV-6: 16.  The recursive halving costs log2(L) levels of elementwise work per
+#   token, the scan T / L steps; 16 and 32 were within noise of each other (16 ahead
+#   on most forward+backward cases), 64 was 5-15% slower.
 WKV7_CHUNK_LEN = 32
 WKV6_CHUNK_LEN = 16
 
@@ -118,6 +120,41 @@ def _wkv6_tile_index(L: int, device: torch.device) -> Tensor:
         m *= 2
     idx[idx < 0] = pos  # the trailing zero
     return idx.flatten().to(device)
+
+
+# Work on at most this many elements (B * T * H * N) per call of a chunked core.  The
+# chunked forms make a few dozen passes over [B, T, H, N]-sized temporaries; kept
+# near 2 MB (fp32) each, they stay in the CPU caches, which on the 2-core test
+# machine made large calls up to ~1.8x faster (e.g. B=4, T=2048, H=16).
+_GROUP_ELEMS = 1 << 19
+
+
+def _in_groups(core, xs: list[Tensor], head_xs: list[Tensor], S: Tensor, L: int, dt):
+    """Run ``core(*xs, *head_xs, S, L, dt)`` on groups of (batch, head) pairs of at
+    most ~_GROUP_ELEMS elements and concatenate the results.
+
+    xs are [B, T, H, N], head_xs [H, ...], S [B, H, N, N].  Groups are independent
+    (each carries its own state), so this only bounds the working set.  split() /
+    cat() keep the backward to one concatenation per level.
+    """
+    B, T, H, N = xs[0].shape
+    pairs = max(1, _GROUP_ELEMS // (T * N))  # (batch, head) pairs per group
+    if pairs >= B * H or S.device.type != "cpu":
+        return core(*xs, *head_xs, S, L, dt)
+    if pairs >= H:  # whole batch rows
+        parts = zip(*(x.split(pairs // H, 0) for x in xs), S.split(pairs // H, 0))
+        outs = [core(*p[:-1], *head_xs, p[-1], L, dt) for p in parts]
+        return torch.cat([o[0] for o in outs], 0), torch.cat([o[1] for o in outs], 0)
+    ys, ss = [], []
+    for row in zip(*(x.split(1, 0) for x in xs), S.split(1, 0)):  # one batch row,
+        parts = zip(  # groups of heads
+            *(x.split(pairs, 2) for x in row[:-1]), *(h.split(pairs, 0) for h in head_xs),
+            row[-1].split(pairs, 1),
+        )
+        outs = [core(*p[:-1], p[-1], L, dt) for p in parts]
+        ys.append(torch.cat([o[0] for o in outs], 2))
+        ss.append(torch.cat([o[1] for o in outs], 1))
+    return torch.cat(ys, 0), torch.cat(ss, 0)
 
 
 def _unpack(y: Tensor, T: int) -> Tensor:
@@ -199,9 +236,15 @@ def wkv7_chunked(r, w, k, v, a, b, state=None, chunk_len=WKV7_CHUNK_LEN) -> tupl
     L = int(chunk_len)
     if L < 1:
         raise ValueError("chunk_len must be >= 1")
-    out_dtype = r.dtype
     dt = _compute_dtype(r)
     S = _init_state(state, B, H, N, dt, r.device)
+    y, S = _in_groups(_wkv7_chunked_core, [r, w, k, v, a, b], [], S, L, dt)
+    return y.to(r.dtype), S
+
+
+def _wkv7_chunked_core(r, w, k, v, a, b, S, L, dt) -> tuple[Tensor, Tensor]:
+    """wkv7_chunked on one group of (batch, head) pairs; y in dt."""
+    B, T, H, N = r.shape
     BH = B * H
     r, k, v, a, b = (x.to(dt) for x in (r, k, v, a, b))  # no-op unless bf16/fp16
 
@@ -217,8 +260,7 @@ def wkv7_chunked(r, w, k, v, a, b, state=None, chunk_len=WKV7_CHUNK_LEN) -> tupl
     csum_end = csum[..., -1:, :]  # -c_L
     if L > 1 and float(csum_end.detach().max()) > _MAX_EXPONENT[dt]:
         # Decays far outside the RWKV-7 range: e^{-c_s} could overflow.
-        y, S = wkv7_chunked(r, w, k, v, a, b, state, chunk_len=L // 2)
-        return y.to(out_dtype), S
+        return _wkv7_chunked_core(r, w, k, v, a, b, S, L // 2, dt)
 
     # Decay factors: e^{-c_t} (>= 1, key side), e^{c_t} (<= 1, r) and e^{c_{t-1}}
     # (<= 1, a: the r factor shifted one step, 1 at the chunk start).
@@ -279,7 +321,7 @@ def wkv7_chunked(r, w, k, v, a, b, state=None, chunk_len=WKV7_CHUNK_LEN) -> tupl
     y = torch.bmm(M_rk.view(nc * BH, L, L), vv.view(nc * BH, L, N))
     y.baddbmm_(M_rb.view(nc * BH, L, L), Z.transpose(-1, -2))
     y.baddbmm_(r_t.view(nc * BH, L, N), S0.transpose(-1, -2))
-    return _unpack(y.view(nc, B, H, L, N), T).to(out_dtype), S.view(B, H, N, N)
+    return _unpack(y.view(nc, B, H, L, N), T), S.view(B, H, N, N)
 
 
 def wkv7(r, w, k, v, a, b, state=None) -> tuple[Tensor, Tensor]:
@@ -354,9 +396,15 @@ def wkv6_chunked(r, w, k, v, u, state=None, chunk_len=WKV6_CHUNK_LEN) -> tuple[T
     L = int(chunk_len)
     if L < 1 or L & (L - 1):
         raise ValueError(f"chunk_len must be a power of two, got {chunk_len}")
-    out_dtype = r.dtype
     dt = _compute_dtype(r)
     S = _init_state(state, B, H, N, dt, r.device)
+    y, S = _in_groups(_wkv6_chunked_core, [r, w, k, v], [u], S, L, dt)
+    return y.to(r.dtype), S
+
+
+def _wkv6_chunked_core(r, w, k, v, u, S, L, dt) -> tuple[Tensor, Tensor]:
+    """wkv6_chunked on one group of (batch, head) pairs; y in dt."""
+    B, T, H, N = r.shape
     BH = B * H
     r, k, v, u = (x.to(dt) for x in (r, k, v, u))  # no-op unless bf16/fp16
 
@@ -406,7 +454,7 @@ def wkv6_chunked(r, w, k, v, u, state=None, chunk_len=WKV6_CHUNK_LEN) -> tuple[T
     y = torch.baddbmm(
         (A @ vv).view(nc * BH, L, N), r_t.view(nc * BH, L, N), S0.view(nc * BH, N, N)
     )
-    return _unpack(y.view(nc, B, H, L, N), T).to(out_dtype), S.view(B, H, N, N)
+    return _unpack(y.view(nc, B, H, L, N), T), S.view(B, H, N, N)
 
 
 def wkv6(r, w, k, v, u, state=None) -> tuple[Tensor, Tensor]:
