@@ -31,7 +31,7 @@ def main(argv=None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"next: python -m rwkv_peft.run --model {output}")
+    print(f"next: python demo/chat.py --model {output}")
     return 0
 
 

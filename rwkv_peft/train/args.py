@@ -57,7 +57,7 @@ class TrainArgs:
     epochs: float = opt(1.0, "passes over the data when --max_steps is 0")
     micro_bsz: int = opt(1, "samples per micro batch per process")
     accumulate_grad_batches: int = opt(1, "micro batches per optimizer step")
-    lr_init: float = opt(1e-4, "peak learning rate")
+    lr_init: float = opt(1e-4, "peak learning rate (the embedded demo: 1e-3)")
     lr_final: float = opt(1e-5, "learning rate at the end of the schedule")
     warmup_steps: int = opt(10, "linear warm-up steps")
     lr_schedule: str = opt("cos", "cos, wsd (warm-up, stable, decay over the last 20%%), or const",
@@ -67,7 +67,8 @@ class TrainArgs:
     beta2: float = opt(0.99, "AdamW beta2")
     adam_eps: float = opt(1e-8, "AdamW epsilon")
     grad_clip: float = opt(1.0, "gradient norm clipping (0: off)")
-    precision: str = opt("bf16", "bf16, fp16 or fp32", choices=("bf16", "fp16", "fp32"))
+    precision: str = opt("auto", "auto (bf16 on GPUs, fp32 on CPUs, where bf16 matmuls are slow), bf16, fp16 or "
+                                 "fp32", choices=("auto", "bf16", "fp16", "fp32"))
     skip_nonfinite: int = opt(0, "micro batches with a non-finite loss that may be skipped before the run "
                                  "stops (0: stop at the first)")
     grad_cp: int = opt(0, "1: gradient checkpointing per block (less memory, ~30%% more compute)", choices=(0, 1))

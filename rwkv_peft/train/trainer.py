@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parents[2]
 DEMO_BASE = REPO / "demo" / "base.pth"
 DEMO_DATA = REPO / "demo" / "data" / "train.jsonl"
 DEMO_TOKENIZER = REPO / "demo" / "tokenizer.json"
+DEMO_LR = 1e-3
 
 
 class L2Wrap(torch.autograd.Function):
@@ -72,10 +73,14 @@ def _defaults(args: TrainArgs) -> None:
         if not DEMO_DATA.exists():
             raise RWKVPeftError(f"no --data_file given and the embedded demo data {DEMO_DATA} is missing")
         args.data_file = str(DEMO_DATA)
+        if args.lr_init == TrainArgs.lr_init:
+            args.lr_init = DEMO_LR  # the tiny demo model learns its facts far better at 1e-3
         if args.load_model is None and not args.n_layer:
             args.load_model = str(DEMO_BASE)
             if args.tokenizer == "world" and DEMO_TOKENIZER.exists():
                 args.tokenizer = str(DEMO_TOKENIZER)
+    if args.precision == "auto":
+        args.precision = "bf16" if torch.cuda.is_available() else "fp32"
     if args.load_model is None and not args.n_layer:
         raise RWKVPeftError("give --load_model FILE to fine-tune, or --n_layer and --n_embd to train from scratch")
 
@@ -263,6 +268,10 @@ def _train(args: TrainArgs, run: dict, deepspeed) -> dict:
         proj_dir.mkdir(parents=True, exist_ok=True)
     model.grad_checkpointing = bool(args.grad_cp)
     model.to(device)
+    if device.type == "cpu":
+        from ..generate import set_threads
+
+        set_threads(model)  # one thread for small models: splitting tiny ops costs far more than it gains
     global_batch = args.micro_bsz * args.accumulate_grad_batches * world
     total_steps = args.max_steps or max(1, math.ceil(args.epochs * len(data) / global_batch))
     optimizer = make_optimizer(_param_groups(model, args), args, device)
