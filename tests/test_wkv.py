@@ -307,6 +307,28 @@ def test_chunked_grads_match_sequential(version):
         assert_close(a, e, 1e-9, f"grad {name}")
 
 
+@pytest.mark.parametrize("version", [7, 6])
+def test_backward_after_inference_mode_call(version):
+    """Cached constants built by a first call under torch.inference_mode() (generation,
+    evaluation) must not break a later backward (training in the same process)."""
+    from rwkv_peft.model import wkv as wkv_module
+
+    wkv_module._tril_masks.cache_clear()
+    wkv_module._wkv6_tile_index.cache_clear()
+    B, T, H, N = 1, 2 * L_TEST + 3, 2, 4
+    if version == 7:
+        x, seq, chk = rwkv7_inputs(B, T, H, N, seed=7), wkv7_sequential, wkv7_chunked
+    else:
+        x, seq, chk = rwkv6_inputs(B, T, H, N, seed=7), wkv6_sequential, wkv6_chunked
+    s0 = rand_state(B, H, N)
+    with torch.inference_mode():
+        chk(*x, state=s0, chunk_len=L_TEST)
+    gy = torch.randn(B, T, H, N, generator=_gen(8), dtype=F64)
+    gs = torch.randn(B, H, N, N, generator=_gen(9), dtype=F64)
+    for a, e in zip(_grads(chk, x, s0, gy, gs, chunk_len=L_TEST), _grads(seq, x, s0, gy, gs)):
+        assert_close(a, e, 1e-9, "grad")
+
+
 # Full (per-element) gradcheck on one case per version; the fast mode (random
 # projections of the Jacobian) on the others keeps the suite quick.
 @pytest.mark.parametrize("T,L,fast", [(7, 4, False), (5, 2, True), (9, 4, True)])

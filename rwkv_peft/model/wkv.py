@@ -96,14 +96,32 @@ def _chunked(x: Tensor, L: int) -> Tensor:
     return x.view(B, (T + pad) // L, L, H, N).permute(1, 0, 3, 2, 4)
 
 
-@functools.lru_cache(maxsize=32)
+def _cached_constant(maxsize: int):
+    """lru_cache for functions that build constant tensors.  The cached tensors
+    outlive the call, so they are built outside inference mode: an inference tensor
+    cached by a first call under torch.inference_mode() would make every later
+    training step fail in backward."""
+
+    def wrap(fn):
+        @functools.lru_cache(maxsize=maxsize)
+        @functools.wraps(fn)
+        def build(*args):
+            with torch.inference_mode(False):
+                return fn(*args)
+
+        return build
+
+    return wrap
+
+
+@_cached_constant(maxsize=32)
 def _tril_masks(L: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
     """0/1 masks [L, L] of the strictly lower and the lower (inclusive) triangle."""
     ones = torch.ones(L, L, dtype=dtype)
     return ones.tril(-1).to(device), ones.tril().to(device)
 
 
-@functools.lru_cache(maxsize=16)
+@_cached_constant(maxsize=16)
 def _wkv6_tile_index(L: int, device: torch.device) -> Tensor:
     """Index map from the concatenated halving pieces of wkv6_chunked to a row-major
     [L, L] matrix: pieces are [diagonal (L), level m = 1, 2, .., L/2 quadrants
