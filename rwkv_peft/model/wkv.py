@@ -343,11 +343,14 @@ def _wkv7_chunked_core(r, w, k, v, a, b, S, L, dt) -> tuple[Tensor, Tensor]:
 
 
 def wkv7(r, w, k, v, a, b, state=None) -> tuple[Tensor, Tensor]:
-    """RWKV-7 WKV: the CUDA kernel for GPU tensors when it is usable (see set_op), else chunked."""
+    """RWKV-7 WKV: the CUDA kernel for GPU tensors when it is usable (see set_op), else
+    chunked (one token, as in generation: the plain step, which skips the chunk setup)."""
     if _use_cuda(r):
         from .wkv_cuda import wkv7_cuda
 
         return wkv7_cuda(r, w, k, v, a, b, state)
+    if r.shape[1] == 1:
+        return wkv7_sequential(r, w, k, v, a, b, state)
     return wkv7_chunked(r, w, k, v, a, b, state)
 
 
@@ -476,11 +479,14 @@ def _wkv6_chunked_core(r, w, k, v, u, S, L, dt) -> tuple[Tensor, Tensor]:
 
 
 def wkv6(r, w, k, v, u, state=None) -> tuple[Tensor, Tensor]:
-    """RWKV-6 WKV: the CUDA kernel for GPU tensors when it is usable (see set_op), else chunked."""
+    """RWKV-6 WKV: the CUDA kernel for GPU tensors when it is usable (see set_op), else
+    chunked (one token, as in generation: the plain step, which skips the chunk setup)."""
     if _use_cuda(r):
         from .wkv_cuda import wkv6_cuda
 
         return wkv6_cuda(r, w, k, v, u, state)
+    if r.shape[1] == 1:
+        return wkv6_sequential(r, w, k, v, u, state)
     return wkv6_chunked(r, w, k, v, u, state)
 
 
