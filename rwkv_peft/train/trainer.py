@@ -225,6 +225,8 @@ def _prepare(args: TrainArgs, main: bool, world: int) -> dict:
         methods, parts = {}, dict(model.named_parameters())
         for p in model.parameters():
             p.requires_grad_(True)
+        n = sum(p.numel() for p in model.parameters())
+        log(f"trainable {n:,} of {n:,} parameters (100%): full fine-tuning (--peft none)")
     else:
         plan = plan_adapters(model, rules, _default_method(args))
         if not plan and not args.train_parts:
