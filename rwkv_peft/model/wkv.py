@@ -49,11 +49,13 @@ __all__ = [
 #   sequential scan steps is T / L.  32 was fastest everywhere (16: 0-15% slower,
 #   mostly from twice the scan steps; 64: 15-40% slower from the L-sized blocks).
 #   The key-side decay factors then stay below e^{0.61 * 32} ~ 3e8 (see below).
-# * RWKV-6: 16.  The recursive halving costs log2(L) levels of elementwise work per
-#   token, the scan T / L steps; 16 and 32 were within noise of each other (16 ahead
-#   on most forward+backward cases), 64 was 5-15% slower.
+# * RWKV-6: 32.  The recursive halving costs log2(L) levels of elementwise work per
+#   token, the scan T / L steps.  On a quiet machine (B in 1, 4; H in 4, 16; T = 512)
+#   32 beat 16 on every forward+backward case by 5-17% and tied on forward; 8 was
+#   20-50% slower, 64 3-10% slower.  (A first comparison under heavy load had put 16
+#   and 32 within noise.)
 WKV7_CHUNK_LEN = 32
-WKV6_CHUNK_LEN = 16
+WKV6_CHUNK_LEN = 32
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
