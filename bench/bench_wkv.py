@@ -13,8 +13,8 @@ For every (version, B, T, H) with N = 64 it times, in the same run and interleav
 
 Each timing is the median of several runs; the correctness run before them (whose
 results give the diffs) is the warm-up.  The speed-up is
-loop / chunked.  "max abs diff" compares chunked against loop: y for ``fwd``, every
-input gradient for ``fwd+bwd``; "max rel diff" divides it by the largest magnitude of
+loop / chunked.  "max abs diff" compares chunked against loop: y and the final state for
+``fwd``, every input gradient for ``fwd+bwd``; "max rel diff" divides it by the largest magnitude of
 the loop's values.  Threads are left at torch's default unless --threads is given.
 """
 
