@@ -211,6 +211,9 @@ def _prepare(args: TrainArgs, main: bool, world: int) -> dict:
     set_wkv_op(args.op)
     if args.op == "cuda" and not torch.cuda.is_available():
         raise RWKVPeftError("--op cuda needs a CUDA GPU; use --op auto or torch here")
+    if args.precision == "fp16" and not torch.cuda.is_available():
+        raise RWKVPeftError("--precision fp16 needs a CUDA GPU (DeepSpeed has no fp16 on CPUs); "
+                            "use --precision bf16 or fp32 here")
 
     tokenizer = load_tokenizer(args.tokenizer)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
@@ -364,8 +367,11 @@ def _train(args: TrainArgs, run: dict, deepspeed) -> dict:
                                    torch.tensor(float(stop.requested), device=device)])
             dist.all_reduce(reduced)
             step_loss, stop_now = reduced[0].item() / world, reduced[1].item() > 0
+            # In fp16, DeepSpeed's loss scaler owns overflow: it skips that step, reports the
+            # norm as inf and lowers the scale, as it routinely does.  Elsewhere it is fatal.
             grad_norm = engine.get_global_grad_norm()
-            if grad_norm is not None and not math.isfinite(float(grad_norm)) and not bad:
+            if (grad_norm is not None and not math.isfinite(float(grad_norm)) and not bad
+                    and not engine.fp16_enabled()):
                 raise RWKVPeftError(f"gradient norm became {grad_norm} at step {step + 1}; stopped without saving, "
                                     f"the last checkpoint in {proj_dir / 'checkpoints'} is intact. "
                                     "Lower --lr_init or use --precision fp32")
