@@ -11,6 +11,7 @@ rounds, and each method's best round is reported, which damps noise from other l
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -41,37 +42,40 @@ def main():
     args = p.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
-    sd = rwkv7_state_dict(n_layer=args.layers, n_embd=args.width, head_size=64, vocab=65536, seed=0,
-                          dims=(32, 32, 32, 64))
-    torch.save(sd, work / "base.pth")
-    words = "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches".split()
-    g = torch.Generator().manual_seed(0)
-    with open(work / "text.jsonl", "w") as f:
-        for _ in range(400):
-            ids = torch.randint(0, len(words), (200,), generator=g).tolist()
-            f.write(json.dumps({"text": " ".join(words[i] for i in ids)}) + "\n")
+    try:
+        sd = rwkv7_state_dict(n_layer=args.layers, n_embd=args.width, head_size=64, vocab=65536, seed=0,
+                              dims=(32, 32, 32, 64))
+        torch.save(sd, work / "base.pth")
+        words = "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches".split()
+        g = torch.Generator().manual_seed(0)
+        with open(work / "text.jsonl", "w") as f:
+            for _ in range(400):
+                ids = torch.randint(0, len(words), (200,), generator=g).tolist()
+                f.write(json.dumps({"text": " ".join(words[i] for i in ids)}) + "\n")
 
-    results = {m: None for m in METHODS}
-    for _ in range(args.rounds):
-        for method, flags in METHODS.items():
-            run = work / f"{method}-run"
-            cmd = [sys.executable, str(ROOT / "train.py"), "--load_model", "base.pth", "--data_file", "text.jsonl",
-                   "--ctx_len", str(args.ctx), "--micro_bsz", str(args.micro_bsz), "--max_steps", str(args.steps),
-                   "--precision", "fp32", "--proj_dir", run.name, *flags]
-            proc = subprocess.run(cmd, cwd=work, env=clean_env(), capture_output=True, text=True)
-            if proc.returncode:
-                sys.exit(f"{method} failed:\n{proc.stderr[-2000:]}")
-            table = proc.stdout
-            trainable = next(line for line in table.splitlines() if line.startswith("trainable"))
-            records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-            a, b = records[1], records[-1]  # steps 3.. onwards
-            tps = (b["tokens"] - a["tokens"]) / (b["elapsed_s"] - a["elapsed_s"])
-            summary = json.loads((run / "summary.json").read_text())
-            entry = {"tokens_per_s": round(tps, 1), "trainable": trainable.split()[1],
-                     "peak_rss_mb": summary["peak_memory_mb"], "final_loss": round(records[-1]["loss"], 3)}
-            if results[method] is None or tps > results[method]["tokens_per_s"]:
-                results[method] = entry
-            subprocess.run(["rm", "-rf", str(run)])
+        results = {m: None for m in METHODS}
+        for _ in range(args.rounds):
+            for method, flags in METHODS.items():
+                run = work / f"{method}-run"
+                cmd = [sys.executable, str(ROOT / "train.py"), "--load_model", "base.pth", "--data_file", "text.jsonl",
+                       "--ctx_len", str(args.ctx), "--micro_bsz", str(args.micro_bsz), "--max_steps", str(args.steps),
+                       "--precision", "fp32", "--proj_dir", run.name, *flags]
+                proc = subprocess.run(cmd, cwd=work, env=clean_env(), capture_output=True, text=True)
+                if proc.returncode:
+                    sys.exit(f"{method} failed:\n{proc.stderr[-2000:]}")
+                table = proc.stdout
+                trainable = next(line for line in table.splitlines() if line.startswith("trainable"))
+                records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+                a, b = records[1], records[-1]  # steps 3.. onwards
+                tps = (b["tokens"] - a["tokens"]) / (b["elapsed_s"] - a["elapsed_s"])
+                summary = json.loads((run / "summary.json").read_text())
+                entry = {"tokens_per_s": round(tps, 1), "trainable": trainable.split()[1],
+                         "peak_rss_mb": summary["peak_memory_mb"], "final_loss": round(records[-1]["loss"], 3)}
+                if results[method] is None or tps > results[method]["tokens_per_s"]:
+                    results[method] = entry
+                shutil.rmtree(run)
+    finally:
+        shutil.rmtree(work)  # the base checkpoint alone is ~155 MB
 
     torch_threads = torch.get_num_threads()
     print(f"RWKV-7 L{args.layers} C{args.width} V65536, ctx {args.ctx}, micro batch {args.micro_bsz}, fp32, "
