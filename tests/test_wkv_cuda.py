@@ -13,13 +13,12 @@ missing nvcc or ninja skips them): a broken kernel must not pass as "skipped".
 from __future__ import annotations
 
 import contextlib
-import importlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from rwkv_peft.model import wkv_cuda
+from rwkv_peft.model import wkv, wkv_cuda
 from rwkv_peft.model.wkv import wkv6_chunked, wkv6_sequential, wkv7_chunked, wkv7_sequential
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -197,15 +196,12 @@ def test_unavailable_reason_for_other_devices():
 
 @contextlib.contextmanager
 def _wkv_op(name):
-    wkv = importlib.import_module("rwkv_peft.model.wkv")
-    if not hasattr(wkv, "set_op"):
-        pytest.skip("rwkv_peft.model.wkv.set_op (the op switch) is not there yet")
-    previous = wkv.get_op() if hasattr(wkv, "get_op") else None
+    previous = wkv.get_op()
     wkv.set_op(name)
     try:
         yield
     finally:
-        wkv.set_op(previous if previous is not None else "auto")
+        wkv.set_op(previous)
 
 
 def _model(version, dtype):

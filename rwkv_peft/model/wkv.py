@@ -71,11 +71,20 @@ def _check_shapes(r: Tensor, *others: Tensor) -> None:
             raise ValueError(f"input shapes differ: {tuple(r.shape)} vs {tuple(x.shape)}")
 
 
+def _check_u(u: Tensor, H: int, N: int) -> None:
+    if u.shape != (H, N):
+        raise ValueError(f"u must be [H, N] = {(H, N)}, got {tuple(u.shape)}")
+
+
+def _check_state(state: Tensor, B: int, H: int, N: int) -> None:
+    if state.shape != (B, H, N, N):
+        raise ValueError(f"state must be [B, H, N, N] = {(B, H, N, N)}, got {tuple(state.shape)}")
+
+
 def _init_state(state: Tensor | None, B: int, H: int, N: int, dtype, device) -> Tensor:
     if state is None:
         return torch.zeros(B, H, N, N, dtype=dtype, device=device)
-    if state.shape != (B, H, N, N):
-        raise ValueError(f"state must be [B, H, N, N] = {(B, H, N, N)}, got {tuple(state.shape)}")
+    _check_state(state, B, H, N)
     return state.to(dtype)
 
 
@@ -371,8 +380,7 @@ def wkv6_sequential(r, w, k, v, u, state=None) -> tuple[Tensor, Tensor]:
     """
     _check_shapes(r, w, k, v)
     B, T, H, N = r.shape
-    if u.shape != (H, N):
-        raise ValueError(f"u must be [H, N] = {(H, N)}, got {tuple(u.shape)}")
+    _check_u(u, H, N)
     out_dtype = r.dtype
     dt = _compute_dtype(r)
     r, w, k, v, u = (x.to(dt) for x in (r, w, k, v, u))
@@ -414,8 +422,7 @@ def wkv6_chunked(r, w, k, v, u, state=None, chunk_len=WKV6_CHUNK_LEN) -> tuple[T
     """
     _check_shapes(r, w, k, v)
     B, T, H, N = r.shape
-    if u.shape != (H, N):
-        raise ValueError(f"u must be [H, N] = {(H, N)}, got {tuple(u.shape)}")
+    _check_u(u, H, N)
     L = int(chunk_len)
     if L < 1 or L & (L - 1):
         raise ValueError(f"chunk_len must be a power of two, got {chunk_len}")

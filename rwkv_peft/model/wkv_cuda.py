@@ -29,6 +29,7 @@ a device (or None when they can); callers use it to fall back to the PyTorch for
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -40,6 +41,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from .wkv import _check_shapes, _check_state, _check_u
 
 __all__ = ["HEAD_SIZES", "CHUNK_LEN", "load_extension", "cuda_unavailable_reason", "wkv7_cuda", "wkv6_cuda"]
 
@@ -69,6 +72,7 @@ def _cache_root() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "rwkv_peft"
 
 
+@functools.cache
 def _nvcc() -> str | None:
     from torch.utils import cpp_extension
 
@@ -78,7 +82,8 @@ def _nvcc() -> str | None:
     return shutil.which("nvcc")
 
 
-def _nvcc_info(nvcc: str) -> tuple[str | None, set[int] | None]:
+@functools.cache
+def _nvcc_info(nvcc: str) -> tuple[str | None, frozenset[int] | None]:
     """(release 'X.Y', compute capabilities it can compile for as ints like 90) of an nvcc."""
     release = archs = None
     try:
@@ -87,7 +92,7 @@ def _nvcc_info(nvcc: str) -> tuple[str | None, set[int] | None]:
         release = m.group(1) if m else None
         out = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True, timeout=60)
         if out.returncode == 0:
-            archs = {int(x) for x in re.findall(r"compute_(\d+)", out.stdout)}
+            archs = frozenset(int(x) for x in re.findall(r"compute_(\d+)", out.stdout))
     except (OSError, subprocess.SubprocessError):
         pass
     return release, archs
@@ -102,7 +107,7 @@ def _device(device) -> torch.device:
     return device
 
 
-def _arch_flag(cc: int, supported: set[int] | None) -> str:
+def _arch_flag(cc: int, supported: frozenset[int] | None) -> str:
     """-gencode for compute capability cc: native code when nvcc knows the arch, else PTX of
     the newest arch below it that nvcc knows (the driver compiles it at load)."""
     if supported is None or cc in supported:
@@ -113,7 +118,7 @@ def _arch_flag(cc: int, supported: set[int] | None) -> str:
     return f"-gencode=arch=compute_{max(older)},code=compute_{max(older)}"
 
 
-def _build_flags(cc: int, head_size: int, supported: set[int] | None) -> tuple[list[str], list[str]]:
+def _build_flags(cc: int, head_size: int, supported: frozenset[int] | None) -> tuple[list[str], list[str]]:
     cxx = ["-O3", f"-D_N_={head_size}"]
     cuda = ["-O3", "--use_fast_math", "-Xptxas", "-O3", _arch_flag(cc, supported), f"-D_N_={head_size}"]
     return cxx, cuda
@@ -241,11 +246,7 @@ def _kernel_dtype(x: Tensor) -> torch.dtype:
 
 
 def _check(r: Tensor, *others: Tensor) -> None:
-    if r.dim() != 4:
-        raise ValueError(f"expected [B, T, H, N] inputs, got shape {tuple(r.shape)}")
-    for x in others:
-        if x.shape != r.shape:
-            raise ValueError(f"input shapes differ: {tuple(r.shape)} vs {tuple(x.shape)}")
+    _check_shapes(r, *others)
     if r.device.type != "cuda":
         raise ValueError(f"the WKV CUDA kernels need CUDA tensors, got {r.device}")
 
@@ -254,8 +255,7 @@ def _state_in(state: Tensor | None, r: Tensor) -> Tensor | None:
     if state is None:
         return None
     B, _, H, N = r.shape
-    if state.shape != (B, H, N, N):
-        raise ValueError(f"state must be [B, H, N, N] = {(B, H, N, N)}, got {tuple(state.shape)}")
+    _check_state(state, B, H, N)
     return state.to(device=r.device, dtype=torch.float32).contiguous()
 
 
@@ -347,8 +347,7 @@ def _wkv7(ext, r, w, k, v, a, b, state):
 
 def _wkv6(ext, r, w, k, v, u, state):
     B, T, H, N = r.shape
-    if u.shape != (H, N):
-        raise ValueError(f"u must be [H, N] = {(H, N)}, got {tuple(u.shape)}")
+    _check_u(u, H, N)
     s0 = _state_in(state, r)
     if T == 0:
         return r.new_empty(r.shape), (s0 if s0 is not None else r.new_zeros(B, H, N, N, dtype=torch.float32))
