@@ -45,9 +45,12 @@ def test_embedded_demo_files():
 
 @pytest.fixture(scope="module")
 def quickstart(tmp_path_factory):
-    """`python train.py --peft bone --bone_r 64` (3 short steps) then a bare `python merge.py`."""
+    """`python train.py --peft bone --bone_r 64` (20 short steps) then a bare `python merge.py`.
+
+    20 steps, not fewer: after 3 the greedy replies still matched the base model's, so a dropped
+    adapter or a no-op merge went unnoticed (about 2 s of training on CPU)."""
     d = tmp_path_factory.mktemp("quickstart")
-    run(d, ROOT / "train.py", "--peft", "bone", "--bone_r", "64", "--max_steps", "3", "--ctx_len", "64",
+    run(d, ROOT / "train.py", "--peft", "bone", "--bone_r", "64", "--max_steps", "20", "--ctx_len", "64",
         "--precision", "fp32")
     adapters = list((d / "out").glob("run-*/adapter.safetensors"))
     assert len(adapters) == 1
@@ -82,8 +85,9 @@ def chat_reply(chat, capsys, monkeypatch, cwd, *args, input=None):
     return rc, out.out, out.err
 
 
-GREEDY = ["--prompt", QUESTION, "--prompt", "Tell me a story.", "--seed", "0", "--temperature", "0",
-          "--max_tokens", "24"]
+UNSEEN = "What is the capital of Varnholm?"  # the base model's reply to it changes with the adapter
+GREEDY = ["--prompt", QUESTION, "--prompt", "Tell me a story.", "--prompt", UNSEEN, "--seed", "0",
+          "--temperature", "0", "--max_tokens", "24"]
 
 
 def test_chat_merged_equals_base_plus_adapter(quickstart, chat, capsys, monkeypatch):
@@ -92,11 +96,15 @@ def test_chat_merged_equals_base_plus_adapter(quickstart, chat, capsys, monkeypa
     proc = run(d, DEMO / "chat.py", *GREEDY)
     assert "tokens/s" in proc.stderr and str(merged.relative_to(d)) in proc.stderr
     replies = proc.stdout.splitlines()
-    assert len(replies) == 2 and all(r.strip() for r in replies)  # one reply per --prompt
+    assert len(replies) == 3 and all(r.strip() for r in replies)  # one reply per --prompt
     for args in (["--model", merged], ["--model", DEMO / "base.pth", "--adapter", adapter],
                  ["--adapter", adapter]):  # the last: the base recorded in the adapter
         rc, out, err = chat_reply(chat, capsys, monkeypatch, d, *args, *GREEDY)
         assert rc == 0 and out == proc.stdout, (args, err)
+    # the adapter must matter: the base alone answers the unseen question differently
+    rc, out, err = chat_reply(chat, capsys, monkeypatch, d, "--model", DEMO / "base.pth", *GREEDY)
+    assert rc == 0 and len(out.splitlines()) == 3, err
+    assert out.splitlines()[2] != replies[2], f"base and merged both replied {replies[2]!r} to {UNSEEN!r}"
 
 
 def test_chat_sampling_repeats_with_a_seed(chat, capsys, monkeypatch, tmp_path):
@@ -121,6 +129,9 @@ def test_chat_ends_at_end_of_input(chat, capsys, monkeypatch, tmp_path):
     assert rc == 0 and out.count("Assistant:") == 2 and "(conversation cleared)" in out
 
 
+STATS = r"\[\d+ tokens in [\d.]+ s, [\d.]+ tokens/s"  # the line demo/chat.py writes after each reply
+
+
 def test_chat_in_a_terminal(tmp_path):
     pexpect = pytest.importorskip("pexpect")
     child = pexpect.spawn(sys.executable, [str(DEMO / "chat.py"), "--model", str(DEMO / "base.pth"),
@@ -130,13 +141,14 @@ def test_chat_in_a_terminal(tmp_path):
         child.expect_exact("User: ")
         child.sendline("Hello!")
         child.expect_exact("Assistant:")
-        child.expect(r"tokens/s")
+        child.expect(STATS)
+        first = child.before  # the reply alone: what came between "Assistant:" and the stats line
         child.expect_exact("User: ")
-        first = child.before
         child.sendline(QUESTION)
         child.expect_exact("Assistant:")
-        child.expect_exact("User: ")
+        child.expect(STATS)
         assert child.before.strip(), "no second reply"
+        child.expect_exact("User: ")
         child.sendline("/reset")
         child.expect_exact("(conversation cleared)")
         child.expect_exact("User: ")
@@ -144,5 +156,5 @@ def test_chat_in_a_terminal(tmp_path):
         child.expect(pexpect.EOF)
     finally:
         child.close()
-    assert first is not None
+    assert first.strip(), "no first reply"
     assert child.exitstatus == 0, child.before

@@ -10,14 +10,7 @@ from rwkv_peft.generate import (Penalties, Sampling, StreamDecoder, generate, ge
                                 sample_logits, sampling_probs)
 
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one thread is much faster (and two fight on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: these models are tiny
 
 
 # ------------------------------------------------------------------------------------------

@@ -20,14 +20,7 @@ from rwkv_peft.peft.methods import METHODS, make_method
 
 F64 = torch.float64
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The matrices here are tiny: one thread avoids OpenMP spinning on a busy 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: the matrices here are tiny
 
 
 def gen(seed: int) -> torch.Generator:

@@ -160,8 +160,11 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(work):
     torch.save(base, work / "nan-base.pth")
     docs = ["the cat sat on a mat"] * 30 + ["rain fell softly"] * 2 + ["the cat"] * 30
     (work / "nan.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
-    seed = next(s for s in range(100) if 3 <= poisoned_samples(work, "nan.jsonl", 4, s, VOCAB["fell"], 40)[0] < 30)
-    bad = poisoned_samples(work, "nan.jsonl", 4, seed, VOCAB["fell"], 40)
+    for seed in range(100):  # a seed whose first poisoned sample comes after a few good steps
+        bad = poisoned_samples(work, "nan.jsonl", 4, seed, VOCAB["fell"], 40)
+        if bad and 3 <= bad[0] < 30:
+            break
+    assert bad and 3 <= bad[0] < 30, "no seed in 0..99 has its first poisoned sample at index 3..29 (of the first 40)"
     args = [*COMMON, "--load_model", "nan-base.pth", "--data_file", "nan.jsonl", "--ctx_len", "4", "--max_steps",
             "40", "--save_every", "1", "--data_mode", "pad", "--random_seed", str(seed)]
 
