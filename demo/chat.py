@@ -72,16 +72,13 @@ def newest_merged(root: Path = Path("out")) -> Path | None:
 def choose_model(args, note) -> tuple[str, object]:
     """(checkpoint path, adapter or None) from the flags and what is on disk."""
     from rwkv_peft.errors import RWKVPeftError
-    from rwkv_peft.peft.adapter_file import read_adapter
+    from rwkv_peft.peft.adapter_file import read_adapter, recorded_base
 
     adapter = read_adapter(args.adapter) if args.adapter else None
     if args.model:
         return args.model, adapter
     if adapter is not None:
-        base = (adapter.base or {}).get("path")
-        if not base:
-            raise RWKVPeftError(f"{args.adapter} does not record its base checkpoint; pass --model BASE.pth")
-        return base, adapter
+        return recorded_base(adapter, args.adapter, "pass --model BASE.pth"), adapter
     merged = newest_merged()
     if merged is not None:
         return str(merged), None

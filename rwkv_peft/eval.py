@@ -149,15 +149,14 @@ def evaluate(args) -> list[dict]:
     from .data.datasets import load_training_data
     from .generate import set_threads, tokenizer_for
     from .model import load_model
-    from .peft.adapter_file import read_adapter
+    from .peft.adapter_file import read_adapter, recorded_base
 
     model_path = args.model
     if model_path is None:
         if not args.adapter:
             raise RWKVPeftError("give --model FILE, or --adapter FILE (its recorded base is then the model)")
-        model_path = (read_adapter(args.adapter[0]).base or {}).get("path")
-        if not model_path:
-            raise RWKVPeftError(f"{args.adapter[0]} does not record its base; pass --model BASE.pth")
+        model_path = recorded_base(read_adapter(args.adapter[0]), args.adapter[0], "pass --model BASE.pth",
+                                   what="base")
     rows = ([("base", args.base, None)] if args.base else []) + [("model", model_path, None)]
     rows += [("adapter", model_path, a) for a in args.adapter]
 

@@ -70,10 +70,11 @@ def tokenizer_for(vocab_rows: int, spec: str = "auto"):
     from .data.tokenizer import load_tokenizer
     from .errors import RWKVPeftError
 
+    demo = load_tokenizer(DEMO_TOKENIZER) if spec == "auto" and DEMO_TOKENIZER.exists() else None
     if spec != "auto":
         tok = load_tokenizer(spec)
-    elif DEMO_TOKENIZER.exists() and load_tokenizer(DEMO_TOKENIZER).vocab_size == vocab_rows:
-        tok = load_tokenizer(DEMO_TOKENIZER)
+    elif demo is not None and demo.vocab_size == vocab_rows:
+        tok = demo
     elif vocab_rows == WORLD_VOCAB:
         tok = load_tokenizer("world")
     else:
@@ -289,6 +290,7 @@ def generate(model, tokenizer, prompt_ids: Sequence[int], state=None, max_tokens
                                  sampling, generator, chunk_len, eos_id))
 
 
+@torch.inference_mode()  # on a generator: entered around each step of it, left at every yield
 def _generate(model, tokenizer, prompt_ids, state, max_tokens, stops, sampling, generator, chunk_len, eos_id):
     eos = tokenizer.eos_id if eos_id is None else eos_id
     device = model.emb.weight.device
@@ -314,8 +316,7 @@ def _generate(model, tokenizer, prompt_ids, state, max_tokens, stops, sampling, 
                 break
             penalties.update(token)
             result.tokens.append(token)
-            with torch.inference_mode():
-                out, state = model(torch.tensor([[token]], dtype=torch.long, device=device), state)
+            out, state = model(torch.tensor([[token]], dtype=torch.long, device=device), state)
             logits = out[0, -1]
             result.state = state
             text += decoder.push(token)

@@ -11,6 +11,7 @@ import os
 import pickle
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -49,14 +50,29 @@ def load_tensor_file(path: str | os.PathLike, what: str = "checkpoint") -> dict:
     return obj
 
 
+def check_writable_dir(directory: str | os.PathLike, message: Callable[[Path], str] | None = None, *,
+                       nearest_existing: bool = False) -> Path:
+    """Raise RWKVPeftError unless directory is a writable directory; returns the directory checked.
+
+    nearest_existing: check the nearest ancestor that exists instead (a directory the caller will
+    create later). message(checked_dir) is the error text; without it, "output directory does not
+    exist: ..." or "output directory is not writable: ...".
+    """
+    directory = Path(directory)
+    if nearest_existing:
+        while not directory.exists() and directory != directory.parent:
+            directory = directory.parent
+    if not directory.is_dir():
+        raise RWKVPeftError(message(directory) if message else f"output directory does not exist: {directory}")
+    if not os.access(directory, os.W_OK):
+        raise RWKVPeftError(message(directory) if message else f"output directory is not writable: {directory}")
+    return directory
+
+
 def atomic_write(path: str | os.PathLike, write) -> None:
     """Call write(file) on a temporary file beside path, fsync, then rename it over path."""
     path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    if not directory.is_dir():
-        raise RWKVPeftError(f"output directory does not exist: {directory}")
-    if not os.access(directory, os.W_OK):
-        raise RWKVPeftError(f"output directory is not writable: {directory}")
+    directory = check_writable_dir(path.parent if str(path.parent) else Path("."))
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:

@@ -165,6 +165,15 @@ def _read_rwkv_peft(path: Path, lora_alpha: float | None) -> Adapter:
     return Adapter(layers, tensors, parts, None, str(path))
 
 
+def recorded_base(adapter: Adapter, name: str | os.PathLike, fix: str, what: str = "base checkpoint") -> str:
+    """The base checkpoint path recorded in adapter; RWKVPeftError "{name} does not record its {what}; {fix}"
+    when it has none."""
+    base = (adapter.base or {}).get("path")
+    if not base:
+        raise RWKVPeftError(f"{name} does not record its {what}; {fix}")
+    return base
+
+
 def check_base(adapter: Adapter, sd: Mapping[str, torch.Tensor], base_name: str) -> None:
     """Refuse a base the adapter was not trained on (layer shapes, then content fingerprint)."""
     for module, (method, hparams) in adapter.layers.items():

@@ -6,7 +6,6 @@ computed in fp32 and cast to the base dtype once.
 
 from __future__ import annotations
 
-import os
 from typing import Mapping
 
 import torch
@@ -86,21 +85,18 @@ def merge_files(base: str | None, adapter_path: str, output: str | None, *, veri
     """
     from pathlib import Path
 
-    from ..io import load_tensor_file, save_tensor_file_atomic
-    from .adapter_file import check_base, read_adapter
+    from ..io import check_writable_dir, load_tensor_file, save_tensor_file_atomic
+    from .adapter_file import check_base, read_adapter, recorded_base
 
     adapter = read_adapter(adapter_path, lora_alpha=lora_alpha)
     if base is None:
-        base = (adapter.base or {}).get("path")
-        if not base:
-            raise RWKVPeftError(f"{adapter_path} does not record its base checkpoint; pass --base FILE")
+        base = recorded_base(adapter, adapter_path, "pass --base FILE")
     output = output or str(Path(adapter_path).with_name("merged.pth"))
     for given, flag in ((base, "--base"), (adapter_path, "--adapter")):
         if Path(output).resolve() == Path(given).resolve():
             raise RWKVPeftError(f"--output {output} is the same file as {flag}; choose another output path")
-    out_dir = Path(output).parent
-    if not out_dir.is_dir() or not os.access(out_dir, os.W_OK):
-        raise RWKVPeftError(f"--output {output}: {out_dir} is not a writable directory; choose another output path")
+    check_writable_dir(Path(output).parent, lambda out_dir: f"--output {output}: {out_dir} is not a writable "
+                       "directory; choose another output path")
     log(f"base:    {base}\nadapter: {adapter_path} ({len(adapter.layers)} adapted layers, "
         f"{len(adapter.parts)} whole tensors)")
     base_sd = load_tensor_file(base)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ..data.tokenizer import load_tokenizer
 from ..errors import RWKVPeftError
-from ..io import atomic_write, save_tensor_file_atomic
+from ..io import atomic_write, check_writable_dir, save_tensor_file_atomic
 from ..model import RWKVConfig, create_model, load_model
 from ..model.wkv import set_op as set_wkv_op
 from ..peft.adapt import parse_rules, plan_adapters, prepare_peft, trainable_summary
@@ -143,12 +143,8 @@ def _record_step(line: str) -> float:
 
 def _check_writable(proj_dir: Path) -> None:
     """Fail before any work if the run could not write its outputs (without creating anything)."""
-    existing = proj_dir
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
-        raise RWKVPeftError(f"--proj_dir {proj_dir} cannot be written ({existing} is not a writable directory); "
-                            "choose another --proj_dir")
+    check_writable_dir(proj_dir, lambda existing: f"--proj_dir {proj_dir} cannot be written ({existing} is not a "
+                       "writable directory); choose another --proj_dir", nearest_existing=True)
 
 
 class StopRequest:
