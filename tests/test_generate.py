@@ -1,6 +1,5 @@
 """Sampling and streaming generation (rwkv_peft.generate), with expected values worked out by hand."""
 
-import math
 
 import pytest
 import torch
@@ -183,7 +182,7 @@ def test_utf8_split_across_tokens_streams_whole_characters(tok):
     pieces, res = run(ScriptedModel([5, 6, 7, 10, 11, 12, 1, 4]), tok=tok, temperature=0.0)
     assert "".join(pieces) == "\u4f60!\U0001F600Hi"
     assert all("\ufffd" not in p for p in pieces)
-    assert "\u4f60" in pieces[0] or pieces[0] == "\u4f60"
+    assert "\u4f60" in pieces[0]  # the character arrives whole, in the first piece
     dec = StreamDecoder(tok)
     assert [dec.push(t) for t in (10, 11, 12)] == ["", "", "\U0001F600"]
 
@@ -256,7 +255,7 @@ def test_returned_state_continues_the_conversation(tiny):
     a = generate_text(tiny, tok, [1], st, stop=(), max_tokens=5, generator=torch.Generator().manual_seed(3))
     b = generate_text(tiny, tok, [1], st, stop=(), max_tokens=5, generator=torch.Generator().manual_seed(3))
     assert a.tokens == b.tokens and torch.equal(st.wkv, before)
-    assert math.isfinite(a.tokens_per_s)
+    assert a.tokens_per_s > 0  # decoding time was measured (0.0 means it was not)
 
 
 def test_sampling_object_or_keywords():
