@@ -171,11 +171,16 @@ def test_readme_documents_every_option():
     assert markdown_table() in readme, "regenerate the README table: python -m rwkv_peft.train.args README.md"
 
 
-@pytest.mark.parametrize("strategy", ["deepspeed_stage_3", "deepspeed_stage_2_offload"])
+@pytest.mark.parametrize("strategy", ["deepspeed_stage_3", "deepspeed_stage_2_offload", "offload_json"])
 def test_zero3_and_offload_match_stage_1(work, strategy):
     args = [*COMMON, "--peft", "bone", "--max_steps", "4", "--micro_bsz", "2"]
     if not (work / "stage1/metrics.jsonl").exists():
         train(work, *args, "--proj_dir", "stage1")
-    train(work, *args, "--strategy", strategy, "--proj_dir", strategy)
+    if strategy == "offload_json":  # offload asked for in the user's DeepSpeed JSON, not by --strategy
+        (work / "offload.json").write_text(json.dumps({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}))
+        extra = ["--deepspeed_config", "offload.json"]
+    else:
+        extra = ["--strategy", strategy]
+    train(work, *args, *extra, "--proj_dir", strategy)
     torch.testing.assert_close(torch.tensor(losses(work / strategy)), torch.tensor(losses(work / "stage1")),
                                rtol=1e-4, atol=1e-5)

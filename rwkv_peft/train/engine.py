@@ -55,8 +55,7 @@ def deepspeed_config(args: TrainArgs, world_size: int) -> dict:
     """The DeepSpeed config from the flags; a user's JSON wins where both set a value."""
     stage = int(args.strategy.split("_")[2])
     zero = {"stage": stage, "contiguous_gradients": True, "overlap_comm": torch.cuda.is_available()}
-    offload = args.strategy.endswith("offload")
-    if offload:
+    if args.strategy.endswith("offload"):
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
         if stage == 3:
             zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
@@ -72,9 +71,6 @@ def deepspeed_config(args: TrainArgs, world_size: int) -> dict:
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
     }
-    if offload and not torch.cuda.is_available():
-        # on a CPU-only machine the optimizer is on the CPU anyway: torch's AdamW is fine there
-        config["zero_force_ds_cpu_optimizer"] = False
     if args.deepspeed_config:
         path = Path(args.deepspeed_config)
         try:
@@ -98,7 +94,17 @@ def deepspeed_config(args: TrainArgs, world_size: int) -> dict:
         precision = "bf16" if config.get("bf16", {}).get("enabled") else "fp16" if config.get("fp16", {}).get(
             "enabled") else "fp32"
         args.precision = precision
+    if optimizer_offloaded(config) and not torch.cuda.is_available():
+        # on a CPU-only machine the optimizer is on the CPU anyway: torch's AdamW is fine there
+        config.setdefault("zero_force_ds_cpu_optimizer", False)
     return config
+
+
+def optimizer_offloaded(config: dict) -> bool:
+    """Whether ZeRO keeps the optimizer state off the GPU: decided by the merged config, so an
+    offload asked for in --deepspeed_config counts the same as a *_offload --strategy."""
+    offload = config.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return offload.get("device", "none") in ("cpu", "nvme")
 
 
 def _merge(base: dict, override: dict) -> dict:
@@ -119,11 +125,11 @@ def _deepspeed_checkpoint_classes() -> list:
     return [LossScaler, ZeroStageEnum, fragment_address]
 
 
-def make_optimizer(param_groups, args: TrainArgs, device: torch.device):
+def make_optimizer(param_groups, args: TrainArgs, device: torch.device, offloaded: bool):
     """AdamW: DeepSpeed's CPU Adam when ZeRO offloads the optimizer from a GPU (built once on
     first use), else torch's (fused on GPUs), which needs no compiled op."""
     betas, eps = (args.beta1, args.beta2), args.adam_eps
-    if args.strategy.endswith("offload") and device.type == "cuda":
+    if offloaded and device.type == "cuda":
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(param_groups, lr=args.lr_init, betas=betas, eps=eps, adamw_mode=True)

@@ -28,8 +28,8 @@ from ..peft.adapt import parse_rules, plan_adapters, prepare_peft, trainable_sum
 from ..peft.adapter_file import describe_base, save_adapter
 from .args import TrainArgs
 from .checkpoint import find_checkpoint, load_checkpoint, newest_run, save_checkpoint
-from .engine import (deepspeed_config, device_for_rank, import_deepspeed, make_optimizer, set_launcher_env,
-                     weights_only_load)
+from .engine import (deepspeed_config, device_for_rank, import_deepspeed, make_optimizer, optimizer_offloaded,
+                     set_launcher_env, weights_only_load)
 from .schedule import learning_rate
 
 REPO = Path(__file__).resolve().parents[2]
@@ -275,7 +275,7 @@ def _train(args: TrainArgs, run: dict, deepspeed) -> dict:
         set_threads(model)  # one thread for small models: splitting tiny ops costs far more than it gains
     global_batch = args.micro_bsz * args.accumulate_grad_batches * world
     total_steps = args.max_steps or max(1, math.ceil(args.epochs * len(data) / global_batch))
-    optimizer = make_optimizer(_param_groups(model, args), args, device)
+    optimizer = make_optimizer(_param_groups(model, args), args, device, optimizer_offloaded(config))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     engine.checkpoint_engine.load = weights_only_load
 
