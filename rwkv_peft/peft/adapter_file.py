@@ -182,14 +182,14 @@ def check_base(adapter: Adapter, sd: Mapping[str, torch.Tensor], base_name: str)
             raise RWKVPeftError(f"{adapter.source} adapts '{module}', but base {base_name} has no '{key}'")
         out_f, in_f = sd[key].shape
         try:
-            METHODS[method](in_f, out_f, **hparams)
+            fitted = METHODS[method](in_f, out_f, **hparams)
         except (RWKVPeftError, TypeError, KeyError) as e:
             raise RWKVPeftError(f"{adapter.source} does not fit base {base_name} at {module}: {e}") from None
+        expected = {name: list(t.shape) for name, t in fitted.tensors().items()}
         for name, t in adapter.tensors.get(module, {}).items():
-            expect = _expected_shape(method, name, in_f, out_f, hparams.get("r"))
-            if expect is not None and tuple(t.shape) != expect:
+            if name in expected and list(t.shape) != expected[name]:
                 raise RWKVPeftError(f"{adapter.source}: '{module}.{name}' has shape {list(t.shape)}, but base "
-                                    f"{base_name} needs {list(expect)}; was it trained on another model?")
+                                    f"{base_name} needs {expected[name]}; was it trained on another model?")
     for key, t in adapter.parts.items():
         if key not in sd or tuple(sd[key].shape) != tuple(t.shape):
             have = list(sd[key].shape) if key in sd else "no such key"
@@ -200,17 +200,6 @@ def check_base(adapter: Adapter, sd: Mapping[str, torch.Tensor], base_name: str)
         trained_on = (adapter.base or {}).get("path") or "unknown"
         raise RWKVPeftError(f"{adapter.source} was trained on a different base (fingerprint {recorded}, "
                             f"{base_name} has {base_fingerprint(sd)}); pass the base it was trained on: {trained_on}")
-
-
-def _expected_shape(method, name, in_f, out_f, r):
-    if r is None:
-        return None
-    return {
-        ("lora", "lora_A"): (r, in_f), ("lora", "lora_B"): (out_f, r),
-        ("pissa", "lora_A"): (r, in_f), ("pissa", "lora_B"): (out_f, r),
-        ("pissa", "init_A"): (r, in_f), ("pissa", "init_B"): (out_f, r),
-        ("bone", "bone"): (r, out_f), ("bat", "bat"): (in_f // r, r, r),
-    }.get((method, name))
 
 
 def apply_adapter(model: RWKV, adapter: Adapter) -> dict[str, PeftMethod]:
