@@ -228,7 +228,7 @@ def train_row(deepspeed, args, model_name, ctx, mb, grad_cp, method, device) -> 
     from rwkv_peft.peft.adapt import plan_adapters, prepare_peft
     from rwkv_peft.train.args import TrainArgs
     from rwkv_peft.train.engine import deepspeed_config
-    from rwkv_peft.train.trainer import masked_loss
+    from rwkv_peft.train.loss import masked_loss
 
     try:  # the trainer's groups: weight decay on matrices, w0 at 2x lr
         from rwkv_peft.train.trainer import _param_groups

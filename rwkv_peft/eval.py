@@ -27,9 +27,9 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .errors import RWKVPeftError
+from .train.loss import masked_ce_sum
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_HELDOUT = REPO / "demo" / "data" / "heldout.jsonl"
@@ -57,19 +57,16 @@ def parse_args(argv=None):
 
 
 def read_records(path: str) -> list[dict]:
+    from .data.datasets import iter_jsonl
+
+    p = Path(path)
+    if not p.is_file():
+        raise RWKVPeftError(f"--data {path} not found; pass a chat .jsonl file")
     records = []
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise RWKVPeftError(f"cannot read --data {path}: {e.strerror}") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
+    for n, rec, _ in iter_jsonl(p):
+        if rec is None:
             continue
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            raise RWKVPeftError(f"{path} line {n}: not valid JSON") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("messages"), list):
+        if not isinstance(rec.get("messages"), list):
             raise RWKVPeftError(f"{path} line {n}: expected a chat record {{\"messages\": [...]}}")
         records.append(rec)
     if not records:
@@ -86,10 +83,9 @@ def heldout_loss(model, data, batch_size: int = 8) -> tuple[float, int]:
     for start in range(0, n, batch_size):
         batch = data.batch(list(range(start, min(start + batch_size, n))))
         logits = model(batch["input_ids"].to(device))
-        ce = F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].to(device).flatten(), reduction="none")
-        mask = batch["loss_mask"].to(device).flatten()
-        total += float((ce * mask).sum())
-        count += int(mask.sum())
+        ce_sum, n_trained = masked_ce_sum(logits, batch["targets"].to(device), batch["loss_mask"].to(device))
+        total += float(ce_sum)
+        count += int(n_trained)
     return total / max(count, 1), count
 
 
@@ -133,16 +129,18 @@ def task_score(model, tokenizer, items: list[dict], max_tokens: int) -> dict:
     return {"task": hits / n, "exact": exact / n, "items": len(items), "replies": replies}
 
 
-def adapter_info(path: str) -> tuple[str, int]:
-    """(a short label such as 'bone:64', trainable parameter count) of an adapter file."""
+def adapter_info(model, adapter_path: str) -> tuple[str, int]:
+    """(a short label such as 'bone:64', trainable parameter count) of the adapter model carries:
+    the methods' parameters (not their buffers, such as PiSSA's starting point) and the
+    trained parts the file holds."""
     from .peft.adapter_file import read_adapter
+    from .peft.methods import PeftMethod
 
-    adapter = read_adapter(path)
-    methods = sorted({f"{m}:{h.get('r')}" for m, h in adapter.layers.values()})
-    frozen = {"init_A", "init_B"}  # PiSSA's saved starting point is not trained
-    n = sum(t.numel() for ts in adapter.tensors.values() for k, t in ts.items() if k not in frozen)
-    n += sum(t.numel() for t in adapter.parts.values())
-    return "+".join(methods) or "parts", n
+    methods = [m for m in model.modules() if isinstance(m, PeftMethod)]
+    labels = sorted({f"{m.name}:{m.r}" for m in methods})
+    n = sum(p.numel() for m in methods for p in m.parameters())
+    n += sum(t.numel() for t in read_adapter(adapter_path).parts.values())
+    return "+".join(labels) or "parts", n
 
 
 def evaluate(args) -> list[dict]:
@@ -176,7 +174,7 @@ def evaluate(args) -> list[dict]:
                 items = task_items(records, tokenizer)
             loss, n_tokens = heldout_loss(model, data)
             score = task_score(model, tokenizer, items, args.max_tokens)
-            label, trainable = adapter_info(adapter) if adapter else (Path(path).name, 0)
+            label, trainable = adapter_info(model, adapter) if adapter else (Path(path).name, 0)
             name = f"{Path(adapter).parent.name}/{Path(adapter).name}" if adapter else str(path)
             results.append({"model": name, "method": label if adapter else kind, "trainable": trainable,
                             "loss": loss, "ppl": math.exp(min(loss, 50.0)), "loss_tokens": n_tokens,

@@ -91,6 +91,7 @@ __all__ = [
     "detect_jsonl_kind",
     "encode_segments",
     "iter_documents",
+    "iter_jsonl",
     "load_training_data",
     "resolve_data_type",
     "tokenizer_fingerprint",
@@ -225,7 +226,7 @@ def resolve_data_type(path: str | os.PathLike, data_type: str = "auto") -> tuple
     return kind, p
 
 
-def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict | None, int]]:
+def iter_jsonl(path: Path) -> Iterator[tuple[int, dict | None, int]]:
     """(line number, record, bytes read) per line; record None for a blank line."""
     with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
@@ -253,7 +254,7 @@ def detect_jsonl_kind(path: Path, sft_fields: tuple[str, str] | None) -> str:
     """"text", "chat" or "fields", from the first record of a .jsonl file."""
     if sft_fields is not None:
         return "fields"
-    for lineno, rec, _ in _iter_jsonl(path):
+    for lineno, rec, _ in iter_jsonl(path):
         if rec is None:
             continue
         if "messages" in rec:
@@ -333,7 +334,7 @@ def iter_documents(path: Path, fmt: str, kind: str, tokenizer,
         yield [], None, True, 0
         return
     field = "messages" if kind == "chat" else "text"
-    for lineno, rec, nbytes in _iter_jsonl(path):
+    for lineno, rec, nbytes in iter_jsonl(path):
         if rec is None:
             yield [], None, False, nbytes
             continue

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from ..data.tokenizer import load_tokenizer
 from ..errors import RWKVPeftError
@@ -30,6 +29,7 @@ from .args import TrainArgs
 from .checkpoint import find_checkpoint, load_checkpoint, newest_run, save_checkpoint
 from .engine import (deepspeed_config, device_for_rank, import_deepspeed, make_optimizer, optimizer_offloaded,
                      set_launcher_env, weights_only_load)
+from .loss import masked_loss
 from .schedule import learning_rate
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,34 +37,6 @@ DEMO_BASE = REPO / "demo" / "base.pth"
 DEMO_DATA = REPO / "demo" / "data" / "train.jsonl"
 DEMO_TOKENIZER = REPO / "demo" / "tokenizer.json"
 DEMO_LR = 1e-3
-
-
-class L2Wrap(torch.autograd.Function):
-    """Identity on the loss; in backward, nudges each row's largest logit towards zero.
-
-    The official trainer's habit (SPEC section 6): gradient 1e-4 / (B*T) times the max logit
-    at its argmax, which keeps logits from drifting upwards.
-    """
-
-    @staticmethod
-    def forward(ctx, loss, logits):
-        ctx.save_for_backward(logits)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        (logits,) = ctx.saved_tensors
-        factor = 1e-4 / (logits.shape[0] * logits.shape[1])
-        maxx, ids = torch.max(logits, -1, keepdim=True)
-        glogits = torch.zeros_like(logits).scatter_(-1, ids, maxx * factor)
-        return grad_output, glogits
-
-
-def masked_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean cross entropy over the positions whose target counts (mask 1)."""
-    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
-    mask = mask.flatten().to(ce.dtype)
-    return L2Wrap.apply((ce * mask).sum() / mask.sum().clamp(min=1.0), logits)
 
 
 def _defaults(args: TrainArgs) -> None:
