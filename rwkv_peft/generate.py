@@ -67,7 +67,7 @@ def tokenizer_for(vocab_rows: int, spec: str = "auto"):
     stores no tokenizer; this is how it is recognised), the World tokenizer for 65536 rows;
     anything else must be named. "world" or a tokenizer.json path: that one, checked to fit.
     """
-    from .data.tokenizer import load_tokenizer
+    from .data.tokenizer import check_fits_model, load_tokenizer
     from .errors import RWKVPeftError
 
     demo = load_tokenizer(DEMO_TOKENIZER) if spec == "auto" and DEMO_TOKENIZER.exists() else None
@@ -81,9 +81,7 @@ def tokenizer_for(vocab_rows: int, spec: str = "auto"):
         raise RWKVPeftError(f"the model has {vocab_rows} vocabulary rows, which fits neither the demo's "
                             f"tokenizer ({DEMO_TOKENIZER}) nor the World tokenizer ({WORLD_VOCAB}); "
                             "pass --tokenizer FILE.json")
-    if tok.vocab_size > vocab_rows:
-        raise RWKVPeftError(f"the tokenizer has {tok.vocab_size} tokens but the model only {vocab_rows} "
-                            "vocabulary rows: they do not belong together")
+    check_fits_model(tok, vocab_rows, spec)
     return tok
 
 

@@ -85,6 +85,8 @@ CASES = {
     "missing sft field": ("train", ["--data_file", "nofields.jsonl", "--sft_fields", "query", "response"],
                           "nofields.jsonl line 2"),
     "token ids >= vocab": ("train", ["--tokenizer", "world"], "has 65536 ids but the model's vocabulary has 21"),
+    "chat with a bigger tokenizer": ("demo/chat", ["--model", "base.pth", "--tokenizer", "world", "--prompt", "hi"],
+                                     "--tokenizer world has 65536 ids but the model's vocabulary has 21"),
     "bin/idx disagree": ("train", ["--data_file", "pair", "--data_type", "binidx"], "pair."),
     "unwritable output": ("train", ["--proj_dir", "a_file/run"], "--proj_dir a_file/run cannot be written"),
     "resume nothing": ("train", ["--proj_dir", "fresh", "--resume"], "nothing to resume in fresh"),

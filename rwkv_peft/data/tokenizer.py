@@ -393,3 +393,10 @@ def load_tokenizer(spec: str | Path | None = None) -> Tokenizer:
         f"unknown tokenizer {spec!r}: pass 'world' for the RWKV World vocab "
         "or the path of a Hugging Face tokenizers .json file"
     )
+
+
+def check_fits_model(tokenizer: Tokenizer, vocab_rows: int, spec) -> None:
+    """Refuse a tokenizer whose ids would index past the model's embedding rows."""
+    if tokenizer.vocab_size > vocab_rows:
+        raise RWKVPeftError(f"--tokenizer {spec} has {tokenizer.vocab_size} ids but the model's vocabulary has "
+                            f"{vocab_rows}; pass the tokenizer the model was trained with")

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..data.tokenizer import load_tokenizer
+from ..data.tokenizer import check_fits_model, load_tokenizer
 from ..errors import RWKVPeftError
 from ..io import atomic_write, check_writable_dir, save_tensor_file_atomic
 from ..model import RWKVConfig, create_model, load_model
@@ -186,9 +186,7 @@ def _prepare(args: TrainArgs, main: bool, world: int) -> dict:
     tokenizer = load_tokenizer(args.tokenizer)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
     model = _build_model(args, tokenizer, dtype)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise RWKVPeftError(f"--tokenizer {args.tokenizer} has {tokenizer.vocab_size} ids but the model's vocabulary "
-                            f"has {model.config.vocab_size}; pass the tokenizer the model was trained with")
+    check_fits_model(tokenizer, model.config.vocab_size, args.tokenizer)
     base_sd = {k: v for k, v in model.state_dict().items()}  # before adapters: what merges start from
     rules = parse_rules(args.peft_rules)
     full = args.peft == "none" and not rules
