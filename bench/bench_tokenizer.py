@@ -1,12 +1,13 @@
 """Encode speed and exactness of RWKV World tokenizer implementations.
 
-    python bench/bench_tokenizer.py [--mb 4] [--repeats 3]
+    python bench/bench_tokenizer.py [--mb 4] [--repeats 3] [--fuzz 20000]
 
 Builds a deterministic mixed corpus (English-like prose, code, Chinese, Japanese, Russian,
 emoji, random code points, whitespace runs), encodes it with each implementation that is
 installed, and prints a markdown table: build time, encode MB/s (best of --repeats, wall
 clock, one thread) and whether the ids are identical to the official `rwkv` package's
-TRIE_TOKENIZER on the whole corpus and on edge cases. Implementations that accept bytes are
+TRIE_TOKENIZER on the whole corpus, on edge cases and on --fuzz short strings (random
+slices, 1-256 characters, of a second corpus with another seed). Implementations that accept bytes are
 also checked on invalid UTF-8. Build time and resident memory added by the build are
 measured in a fresh process per implementation. Candidates:
 
@@ -211,6 +212,14 @@ def edge_cases() -> list[str]:
     return cases
 
 
+def fuzz_cases(n: int, seed: int = 99) -> list[str]:
+    """n short strings that start and end anywhere: inside words, runs, emoji sequences."""
+    rng = random.Random(seed)
+    text = build_corpus(1.0, seed=seed)
+    starts = [rng.randrange(len(text)) for _ in range(n)]
+    return [text[i : i + rng.randint(1, 256)] for i in starts]
+
+
 def invalid_utf8_cases(rng: random.Random) -> list[bytes]:
     cases = [b"\xff", b"\xc3", b"\xe4\xbd", b"\x80\x80", b"abc\xff\xfe def", "é".encode()[:1] * 9]
     cases += [bytes(rng.randrange(256) for _ in range(rng.randint(1, 300))) for _ in range(200)]
@@ -315,6 +324,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mb", type=float, default=4.0, help="corpus size in MB (default 4)")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs, best kept (default 3)")
+    ap.add_argument("--fuzz", type=int, default=20000, help="short random strings compared (default 20000)")
     ap.add_argument("--measure-build", metavar="NAME", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.measure_build:
@@ -323,7 +333,7 @@ def main() -> None:
 
     corpus = build_corpus(args.mb)
     nbytes = len(corpus.encode("utf-8"))
-    edges, bad = edge_cases(), invalid_utf8_cases(random.Random(7))
+    edges, bad, fuzz = edge_cases(), invalid_utf8_cases(random.Random(7)), fuzz_cases(args.fuzz)
     print(
         f"corpus: {nbytes / 1e6:.2f} MB UTF-8, {len(corpus):,} chars; Python {platform.python_version()} "
         f"{platform.machine()}, {os.cpu_count()} CPUs; best of {args.repeats}",
@@ -331,7 +341,7 @@ def main() -> None:
     )
 
     found = candidates()
-    ref_ids = ref_edges = ref_bad = None
+    ref_ids = ref_edges = ref_bad = ref_fuzz = None
     rows = []
     for name, (label, build) in found.items():
         print(f"running {label} ...", file=sys.stderr)
@@ -342,7 +352,8 @@ def main() -> None:
         secs, ids = _timed(enc, corpus, args.repeats)
         if name == "reference":
             ref_ids, ref_edges, ref_bad = ids, [enc(s) for s in edges], [enc_bytes(b) for b in bad]
-            rows.append((label, build_s, rss, nbytes / secs / 1e6, "(reference)", "yes"))
+            ref_fuzz = [enc(s) for s in fuzz]
+            rows.append((label, build_s, rss, nbytes / secs / 1e6, "(reference)", "(reference)", "yes"))
             continue
         same = ids == ref_ids
         if not same:
@@ -356,21 +367,25 @@ def main() -> None:
             if got != want:
                 same = False
                 print(f"{label}: differs on {s[:20]!r}: {str(got)[:60]} vs {want[:8]}", file=sys.stderr)
+        fuzz_same = sum(enc(s) == want for s, want in zip(fuzz, ref_fuzz))
+        same = same and fuzz_same == len(fuzz)
         if enc_bytes is None:
             bytes_ok = "no (str only)"
         else:
             bytes_ok = "yes" if all(enc_bytes(b) == want for b, want in zip(bad, ref_bad)) else "DIFFERENT"
             same = same and bytes_ok == "yes"
-        rows.append((label, build_s, rss, nbytes / secs / 1e6, "yes" if same else "no", bytes_ok))
+        rows.append((label, build_s, rss, nbytes / secs / 1e6, "yes" if same else "no",
+                     f"{fuzz_same:,}/{len(fuzz):,}", bytes_ok))
         del enc, enc_bytes
         gc.collect()
 
     print(f"\nWorld tokenizer encode speed: {nbytes / 1e6:.2f} MB mixed corpus, best of {args.repeats}, one thread")
     print("(build time and memory measured in a fresh process each)\n")
-    print("| implementation | build (s) | build memory (MB) | encode MB/s | identical ids | invalid UTF-8 bytes input |")
-    print("|---|---:|---:|---:|---|---|")
-    for label, build_s, rss, mbs, same, b in rows:
-        print(f"| {label} | {build_s:.2f} | {rss:.0f} | {mbs:.2f} | {same} | {b} |")
+    print("| implementation | build (s) | build memory (MB) | encode MB/s | identical ids | fuzz strings identical "
+          "| invalid UTF-8 bytes input |")
+    print("|---|---:|---:|---:|---|---:|---|")
+    for label, build_s, rss, mbs, same, fuzz_same, b in rows:
+        print(f"| {label} | {build_s:.2f} | {rss:.0f} | {mbs:.2f} | {same} | {fuzz_same} | {b} |")
 
 
 if __name__ == "__main__":

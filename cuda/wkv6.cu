@@ -232,15 +232,10 @@ const char* backward(int B, int T, int H, const void* r, const float* w, const v
 const char* wkv6_forward_launch(int dtype, int B, int T, int H, const void* r, const float* w,
                                 const void* k, const void* v, const float* u, const float* s0,
                                 void* y, float* sT, float* ckpt, void* stream) {
-    switch (dtype) {
-        case wkv::kFloat32:
-            return wkv::forward<float>(B, T, H, r, w, k, v, u, s0, y, sT, ckpt, stream);
-        case wkv::kBFloat16:
-            return wkv::forward<__nv_bfloat16>(B, T, H, r, w, k, v, u, s0, y, sT, ckpt, stream);
-        case wkv::kFloat16:
-            return wkv::forward<__half>(B, T, H, r, w, k, v, u, s0, y, sT, ckpt, stream);
-    }
-    return "wkv6: unsupported dtype";
+    return wkv::with_element_type(dtype, [&](auto type) {
+        using F = typename decltype(type)::type;
+        return wkv::forward<F>(B, T, H, r, w, k, v, u, s0, y, sT, ckpt, stream);
+    });
 }
 
 const char* wkv6_backward_launch(int dtype, int B, int T, int H, const void* r, const float* w,
@@ -248,16 +243,9 @@ const char* wkv6_backward_launch(int dtype, int B, int T, int H, const void* r, 
                                  const float* ckpt, const float* dsT, float* scratch, void* dr,
                                  float* dw, void* dk, void* dv, float* du_part, float* ds0,
                                  void* stream) {
-    switch (dtype) {
-        case wkv::kFloat32:
-            return wkv::backward<float>(B, T, H, r, w, k, v, u, dy, ckpt, dsT, scratch, dr, dw, dk, dv, du_part,
-                                        ds0, stream);
-        case wkv::kBFloat16:
-            return wkv::backward<__nv_bfloat16>(B, T, H, r, w, k, v, u, dy, ckpt, dsT, scratch, dr, dw, dk, dv,
-                                                du_part, ds0, stream);
-        case wkv::kFloat16:
-            return wkv::backward<__half>(B, T, H, r, w, k, v, u, dy, ckpt, dsT, scratch, dr, dw, dk, dv,
-                                         du_part, ds0, stream);
-    }
-    return "wkv6: unsupported dtype";
+    return wkv::with_element_type(dtype, [&](auto type) {
+        using F = typename decltype(type)::type;
+        return wkv::backward<F>(B, T, H, r, w, k, v, u, dy, ckpt, dsT, scratch, dr, dw, dk, dv, du_part,
+                                ds0, stream);
+    });
 }

@@ -283,15 +283,10 @@ const char* wkv7_forward_launch(int dtype, int B, int T, int H, const void* r, c
                                 const void* k, const void* v, const void* a, const void* b,
                                 const float* s0, void* y, float* sT, float* ckpt, float* sa,
                                 void* stream) {
-    switch (dtype) {
-        case wkv::kFloat32:
-            return wkv::forward<float>(B, T, H, r, w, k, v, a, b, s0, y, sT, ckpt, sa, stream);
-        case wkv::kBFloat16:
-            return wkv::forward<__nv_bfloat16>(B, T, H, r, w, k, v, a, b, s0, y, sT, ckpt, sa, stream);
-        case wkv::kFloat16:
-            return wkv::forward<__half>(B, T, H, r, w, k, v, a, b, s0, y, sT, ckpt, sa, stream);
-    }
-    return "wkv7: unsupported dtype";
+    return wkv::with_element_type(dtype, [&](auto type) {
+        using F = typename decltype(type)::type;
+        return wkv::forward<F>(B, T, H, r, w, k, v, a, b, s0, y, sT, ckpt, sa, stream);
+    });
 }
 
 const char* wkv7_backward_launch(int dtype, int B, int T, int H, const void* r, const float* w,
@@ -299,16 +294,9 @@ const char* wkv7_backward_launch(int dtype, int B, int T, int H, const void* r, 
                                  const void* dy, const float* ckpt, const float* sa,
                                  const float* dsT, float* scratch, void* dr, float* dw, void* dk,
                                  void* dv, void* da, void* db, float* ds0, void* stream) {
-    switch (dtype) {
-        case wkv::kFloat32:
-            return wkv::backward<float>(B, T, H, r, w, k, v, a, b, dy, ckpt, sa, dsT, scratch, dr, dw, dk,
-                                        dv, da, db, ds0, stream);
-        case wkv::kBFloat16:
-            return wkv::backward<__nv_bfloat16>(B, T, H, r, w, k, v, a, b, dy, ckpt, sa, dsT, scratch, dr, dw,
-                                                dk, dv, da, db, ds0, stream);
-        case wkv::kFloat16:
-            return wkv::backward<__half>(B, T, H, r, w, k, v, a, b, dy, ckpt, sa, dsT, scratch, dr, dw, dk,
-                                         dv, da, db, ds0, stream);
-    }
-    return "wkv7: unsupported dtype";
+    return wkv::with_element_type(dtype, [&](auto type) {
+        using F = typename decltype(type)::type;
+        return wkv::backward<F>(B, T, H, r, w, k, v, a, b, dy, ckpt, sa, dsT, scratch, dr, dw, dk, dv, da,
+                                db, ds0, stream);
+    });
 }

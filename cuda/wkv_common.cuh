@@ -1,5 +1,6 @@
-// Shared pieces of the WKV kernels (wkv7.cu, wkv6.cu): element types, the chunk length,
-// indexing, and the launch helper for dynamic shared memory.
+// Shared pieces of the WKV kernels (wkv7.cu, wkv6.cu): element type conversions and
+// dispatch, indexing, and the launch helper for dynamic shared memory. The chunk length
+// and the dtype codes are in wkv.h, which the torch bindings share.
 //
 // Layout conventions (the same as rwkv_peft/model/wkv.py):
 //   per-token vectors r, w, k, v, a, b, y and their gradients: [B, T, H, N], contiguous;
@@ -11,6 +12,8 @@
 #pragma once
 
 #include <stdint.h>
+
+#include "wkv.h"
 
 #ifdef WKV_HOST_EMULATION
 // Tests only: CPU stand-ins for the CUDA built-ins, so that a host compiler can build and
@@ -31,15 +34,25 @@
 
 namespace wkv {
 
-// Steps between state checkpoints. The forward pass saves the state at the start of every
-// chunk of CHUNK steps; the backward pass walks the chunks from last to first, replays each
-// one forward from its checkpoint (exactly the forward's fp32 arithmetic) and then walks
-// its steps back. The per-step input vectors of one chunk are staged in shared memory at
-// once, so the step loops need few block-wide barriers.
-constexpr int CHUNK = 16;
+// The per-step input vectors of one CHUNK (wkv.h) are staged in shared memory at once, so
+// the step loops need few block-wide barriers.
 
-// Element types of the per-token vectors, as the bindings pass them.
-enum Dtype : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+template <typename F>
+struct ElementType {
+    using type = F;
+};
+
+// Calls fn(ElementType<F>{}) with F the element type that `dtype` (a Dtype) names; returns
+// fn's result, or an error string for an unknown code.
+template <typename Fn>
+const char* with_element_type(int dtype, Fn&& fn) {
+    switch (dtype) {
+        case kFloat32: return fn(ElementType<float>{});
+        case kBFloat16: return fn(ElementType<__nv_bfloat16>{});
+        case kFloat16: return fn(ElementType<__half>{});
+    }
+    return "wkv: unsupported dtype";
+}
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }

@@ -26,13 +26,13 @@
 namespace {
 
 using torch::Tensor;
-constexpr int64_t kChunk = 16;  // must match wkv::CHUNK in wkv_common.cuh
+constexpr int64_t kChunk = wkv::CHUNK;
 
 int dtype_code(const Tensor& x) {
     switch (x.scalar_type()) {
-        case torch::kFloat32: return 0;
-        case torch::kBFloat16: return 1;
-        case torch::kFloat16: return 2;
+        case torch::kFloat32: return wkv::kFloat32;
+        case torch::kBFloat16: return wkv::kBFloat16;
+        case torch::kFloat16: return wkv::kFloat16;
         default: TORCH_CHECK(false, "wkv: per-token tensors must be float32, bfloat16 or float16, got ",
                              x.scalar_type());
     }

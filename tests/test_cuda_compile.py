@@ -126,6 +126,13 @@ def test_cuda_sources_present():
         assert (CUDA_DIR / name).exists(), name
 
 
+def test_python_chunk_length_is_the_kernels():
+    """The wrapper sizes the checkpoint tensors with CHUNK_LEN; the kernels step by wkv::CHUNK."""
+    header = (CUDA_DIR / "wkv.h").read_text()
+    match = re.search(r"constexpr int CHUNK = (\d+);", header)
+    assert match and int(match.group(1)) == wkv_cuda.CHUNK_LEN
+
+
 @pytest.mark.skipif(_nvcc() is None, reason="nvcc not found")
 def test_nvcc_compiles_every_kernel(builds):
     """Each .cu to an object for sm_80 and sm_90, with the extension's flags (head size 64)."""
