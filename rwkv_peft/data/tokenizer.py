@@ -10,19 +10,20 @@ with the pure-Python encoder below, which is also always used for `encode_bytes`
 is not valid UTF-8 (the library accepts only `str`). Decoding is always done here (the
 library decodes id 0 as "\\x00" and panics on invalid UTF-8).
 
-Decision, from `python bench/bench_tokenizer.py` (4 MB mixed corpus, best of 3, one thread,
-Python 3.11 x86_64 on a shared 2-core machine, so speeds are rough; all ids checked against
-the official rwkv TRIE_TOKENIZER on the whole corpus and edge cases):
+Decision, from `python bench/bench_tokenizer.py --fuzz 267000` (bench/README.md: 4 MB mixed
+corpus, best of 3, one thread, Python 3.11 x86_64 on a shared 2-core machine, so speeds are
+rough; ids checked against the official rwkv TRIE_TOKENIZER on the whole corpus, edge cases
+and 267,000 random short strings):
 
     implementation               encode MB/s  build   memory   identical ids
-    rwkv TRIE_TOKENIZER (ref.)    1.6         3.1 s   309 MB   (reference)
-    this module, pure Python      4.8         0.4 s    30 MB   yes, also for invalid UTF-8
-    pyrwkv-tokenizer 0.9.1       62           0.3 s   243 MB   yes (accepts str only)
-    rwkv-tokenizer 0.5.2         54           0.4 s   243 MB   yes (accepts str only)
+    rwkv TRIE_TOKENIZER (ref.)    2.2         3.3 s   309 MB   (reference)
+    this module, pure Python      3.6         0.4 s    31 MB   yes, also for invalid UTF-8
+    pyrwkv-tokenizer 0.9.1       39-62        0.3 s   243 MB   yes (accepts str only)
+    rwkv-tokenizer 0.5.2         54-56        0.3 s   243 MB   yes (accepts str only)
 
 pyrwkv-tokenizer is used when importable: it is maintained (0.9.1, March 2025), has wheels
-for CPython 3.11 on x86_64 and aarch64, gave identical ids here and in a 267k-string fuzz
-run, and is about 13x faster. rwkv-tokenizer (same author) is not used: its one newer
+for CPython 3.11 on x86_64 and aarch64, gave identical ids on everything above, and is
+11-14x faster (ratios within one run). rwkv-tokenizer (same author) is not used: its one newer
 release, 0.11.0, has a wheel only for CPython 3.10 x86_64. The pure-Python encoder stays
 as the fallback; it is needed
 for bytes input anyway. pyrwkv-tokenizer is checked on a probe string when loaded (it
