@@ -54,14 +54,33 @@ MiB = 1 << 20
 # Variants of one adapted linear
 # ----------------------------------------------------------------------------------------
 
-def bat_materialized_forward(x, W, D, r):
+class MaterializedBat(Bat):
     """Bat as the published implementations run it: build the whole (out, in) delta every
-    step (delta block (a, b) = W_ab D_b + D_b), add it to W, then one F.linear."""
-    out_f, in_f = W.shape
-    Wab = W.view(out_f // r, r, in_f // r, r).permute(0, 2, 1, 3)   # [a, b, r, r]: W_ab
-    blocks = Wab @ D + D                                             # D [in/r, r, r] broadcast over a
-    delta = blocks.permute(0, 2, 1, 3).reshape(out_f, in_f)
-    return F.linear(x, W + delta)
+    step, add it to W, then one F.linear."""
+
+    def forward(self, x, weight):
+        return F.linear(x, weight + self.delta(weight).to(weight.dtype))
+
+
+def new_storage_bytes(run, existing) -> tuple[int, int]:
+    """(saved, kept) bytes that run() creates: the unique new storages autograd saves for
+    backward, and the same plus run()'s output (see the module docstring). `existing`:
+    tensors alive before, whose storages are not counted."""
+    before = {t.untyped_storage().data_ptr() for t in existing}
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = run()
+
+    def new_bytes(tensors):
+        seen = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+        return sum(n for ptr, n in seen.items() if ptr not in before and n > 0)
+
+    return new_bytes(saved), new_bytes(saved + [out])
 
 
 class Variant:
@@ -73,7 +92,8 @@ class Variant:
             self.params = []
             return
         g = torch.Generator().manual_seed(1)
-        m = make_method(method, W.shape[1], W.shape[0], r=r, **hp)
+        m = (MaterializedBat(W.shape[1], W.shape[0], r) if materialize else
+             make_method(method, W.shape[1], W.shape[0], r=r, **hp))
         m.reset_parameters(W)
         with torch.no_grad():                  # nonzero adapter, as after some training
             for p in m.parameters():
@@ -89,8 +109,6 @@ class Variant:
     def forward(self, x):
         if self.module is None:
             return F.linear(x, self.Wf)
-        if self.materialize:
-            return bat_materialized_forward(x, self.Wf, self.module.bat, self.r)
         return self.module(x, self.Wf)
 
     def step(self, x, gy):
@@ -102,29 +120,8 @@ class Variant:
 
     def memory(self, x):
         """(saved, kept) bytes created by one forward; see the module docstring."""
-        before = {t.untyped_storage().data_ptr() for t in [x, self.Wf, *self.params]}
-        if self.module is not None:
-            before |= {b.untyped_storage().data_ptr() for b in self.module.buffers()}
-        saved = []
-
-        def pack(t):
-            saved.append(t)
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            y = self.forward(x)
-
-        def new_bytes(tensors):
-            seen = {}
-            for t in tensors:
-                st = t.untyped_storage()
-                if st.data_ptr() not in before and st.nbytes() > 0:
-                    seen[st.data_ptr()] = st.nbytes()
-            return sum(seen.values())
-
-        out = new_bytes(saved), new_bytes(saved + [y])
-        del y, saved
-        return out
+        existing = [x, self.Wf, *self.params, *(self.module.buffers() if self.module is not None else [])]
+        return new_storage_bytes(lambda: self.forward(x), existing)
 
 
 def bench_linear(args, log):
@@ -249,13 +246,6 @@ def table_pissa(res):
 
 # ----------------------------------------------------------------------------------------
 
-class MaterializedBat(Bat):
-    """Bat as the published implementations run it: build W + delta every step."""
-
-    def forward(self, x, weight):
-        return F.linear(x, weight + self.delta(weight).to(weight.dtype))
-
-
 def bench_block(args, log):
     """One whole RWKV-7 block at C=2048: every default target adapted, forward + backward."""
     import sys
@@ -264,7 +254,6 @@ def bench_block(args, log):
     from official_layout import rwkv7_state_dict
 
     from rwkv_peft import load_model
-    from rwkv_peft.peft import methods as methods_module
     from rwkv_peft.peft.adapt import plan_adapters, prepare_peft
 
     C, T = 2048, args.T
@@ -281,13 +270,10 @@ def bench_block(args, log):
                 p.requires_grad_(False)
         else:
             name, hp = choice
-            if name == "bat-mat":  # swap the class in for this run only
-                methods_module.METHODS["bat"] = MaterializedBat
-                name = "bat"
-            try:
-                prepare_peft(model, plan_adapters(model, [], (name, hp)))
-            finally:
-                methods_module.METHODS["bat"] = Bat
+            methods, _ = prepare_peft(model, plan_adapters(model, [], (name.removesuffix("-mat"), hp)))
+            if name == "bat-mat":  # the same parameters, run by the materializing forward
+                for m in methods.values():
+                    m.__class__ = MaterializedBat
             with torch.no_grad():  # nonzero adapters, as after some training
                 for p in model.parameters():
                     if p.requires_grad:
@@ -296,20 +282,9 @@ def bench_block(args, log):
         params = [p for p in block.parameters() if p.requires_grad]
         trainable = sum(p.numel() for p in params)
         for B in args.batches:
-            x = torch.randn(B, T, C, generator=g)
-            before = {t.untyped_storage().data_ptr() for t in [x, *block.parameters(), *block.buffers()]}
-            saved = []
-
-            def pack(t):
-                saved.append(t)
-                return t
-
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                y, _, _ = block(x.requires_grad_(True), None)
-            seen = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved
-                    if t.untyped_storage().data_ptr() not in before}
-            saved_bytes = sum(seen.values())
-            del y, saved
+            x = torch.randn(B, T, C, generator=g).requires_grad_(True)
+            saved_bytes, _ = new_storage_bytes(lambda: block(x, None)[0],
+                                               [x, *block.parameters(), *block.buffers()])
             gy = torch.randn(B, T, C, generator=g)
             times = []
             for i in range(args.warmup + args.block_repeats):
