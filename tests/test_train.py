@@ -81,7 +81,7 @@ def test_resume_continues_exactly(work):
             "--warmup_steps", "2"]
     train(work, *args, "--proj_dir", "straight")
     proc = train(work, *args, "--proj_dir", "halves", "--stop_at_step", "4")
-    assert "stopped at step 4" in proc.stdout
+    assert "stopped (--stop_at_step): saved a checkpoint at step 4" in proc.stdout
     assert (work / "halves/checkpoints/latest").read_text() == "step-00000004"
     assert not list((work / "halves/checkpoints").glob(".*.tmp"))
     proc = train(work, *args, "--proj_dir", "halves", "--resume")
@@ -184,3 +184,17 @@ def test_zero3_and_offload_match_stage_1(work, strategy):
     train(work, *args, *extra, "--proj_dir", strategy)
     torch.testing.assert_close(torch.tensor(losses(work / strategy)), torch.tensor(losses(work / "stage1")),
                                rtol=1e-4, atol=1e-5)
+
+
+def test_learning_rate_default_depends_on_the_data_not_on_the_value_given():
+    from rwkv_peft.train.args import LR_INIT, TrainArgs
+    from rwkv_peft.train.trainer import DEMO_LR, _defaults
+
+    cases = [({}, DEMO_LR),                                    # the embedded demo
+             ({"lr_init": LR_INIT}, LR_INIT),                 # asked for explicitly: kept, even on the demo
+             ({"data_file": "mine.jsonl", "load_model": "m.pth"}, LR_INIT),
+             ({"data_file": "mine.jsonl", "load_model": "m.pth", "lr_init": 3e-5}, 3e-5)]
+    for given, expected in cases:
+        args = TrainArgs(**given)
+        _defaults(args)
+        assert args.lr_init == expected, given

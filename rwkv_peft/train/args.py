@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 
 from ..errors import RWKVPeftError
 
+LR_INIT = 1e-4  # --lr_init when none is given, except on the embedded demo (trainer.DEMO_LR)
 STRATEGIES = ("deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_2_offload",
               "deepspeed_stage_3", "deepspeed_stage_3_offload")
 
@@ -57,7 +58,7 @@ class TrainArgs:
     epochs: float = opt(1.0, "passes over the data when --max_steps is 0")
     micro_bsz: int = opt(1, "samples per micro batch per process")
     accumulate_grad_batches: int = opt(1, "micro batches per optimizer step")
-    lr_init: float = opt(1e-4, "peak learning rate (the embedded demo: 1e-3)")
+    lr_init: float | None = opt(None, f"peak learning rate (default {LR_INIT:g}; the embedded demo: 1e-3)")
     lr_final: float = opt(1e-5, "learning rate at the end of the schedule")
     warmup_steps: int = opt(10, "linear warm-up steps")
     lr_schedule: str = opt("cos", "cos, wsd (warm-up, stable, decay over the last 20%%), or const",
@@ -95,7 +96,13 @@ GROUPS = ("model", "data", "peft", "training", "output")
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keep the description's line breaks; show every option's default."""
+    """Keep the description's line breaks; show every option's default, except None: those
+    options say in their help what happens when they are left out."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def build_parser(prog: str = "train.py", description: str | None = None) -> argparse.ArgumentParser:
@@ -108,7 +115,7 @@ def build_parser(prog: str = "train.py", description: str | None = None) -> argp
         if f.type in ("bool", bool):
             kw["action"] = "store_true"
         elif "nargs" not in meta:
-            kw["type"] = {"int": int, "float": float}.get(str(f.type), str)
+            kw["type"] = {"int": int, "float": float}.get(str(f.type).removesuffix(" | None"), str)
         elif f.name == "train_parts":
             kw["default"] = []
         groups[group].add_argument(f"--{f.name}", **kw)
@@ -131,7 +138,7 @@ def check_args(args: TrainArgs) -> None:
     for name in ("max_steps", "stop_at_step", "skip_nonfinite", "save_every", "warmup_steps", "weight_decay", "grad_clip", "lr_final"):
         if getattr(args, name) < 0:
             raise RWKVPeftError(f"--{name} must not be negative, got {getattr(args, name)}")
-    if args.lr_init <= 0:
+    if args.lr_init is not None and args.lr_init <= 0:
         raise RWKVPeftError(f"--lr_init must be positive, got {args.lr_init}")
     if args.max_steps == 0 and args.epochs <= 0:
         raise RWKVPeftError("give --max_steps N or a positive --epochs")

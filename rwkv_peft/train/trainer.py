@@ -25,7 +25,7 @@ from ..model import RWKVConfig, create_model, load_model
 from ..model.wkv import set_op as set_wkv_op
 from ..peft.adapt import parse_rules, plan_adapters, prepare_peft, trainable_summary
 from ..peft.adapter_file import describe_base, save_adapter
-from .args import TrainArgs
+from .args import LR_INIT, TrainArgs
 from .checkpoint import find_checkpoint, load_checkpoint, newest_run, save_checkpoint
 from .engine import (deepspeed_config, device_for_rank, import_deepspeed, make_optimizer, optimizer_offloaded,
                      set_launcher_env, weights_only_load)
@@ -45,12 +45,14 @@ def _defaults(args: TrainArgs) -> None:
         if not DEMO_DATA.exists():
             raise RWKVPeftError(f"no --data_file given and the embedded demo data {DEMO_DATA} is missing")
         args.data_file = str(DEMO_DATA)
-        if args.lr_init == TrainArgs.lr_init:
+        if args.lr_init is None:
             args.lr_init = DEMO_LR  # the tiny demo model learns its facts far better at 1e-3
         if args.load_model is None and not args.n_layer:
             args.load_model = str(DEMO_BASE)
             if args.tokenizer == "world" and DEMO_TOKENIZER.exists():
                 args.tokenizer = str(DEMO_TOKENIZER)
+    if args.lr_init is None:
+        args.lr_init = LR_INIT
     if args.precision == "auto":
         args.precision = "bf16" if torch.cuda.is_available() else "fp32"
     if args.load_model is None and not args.n_layer:
@@ -308,7 +310,8 @@ def _train(args: TrainArgs, run: dict, deepspeed) -> dict:
                 logits = engine(batch["input_ids"].to(device))
                 loss = masked_loss(logits, batch["targets"].to(device), batch["loss_mask"].to(device))
                 finite = torch.isfinite(loss.detach()).float()
-                dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank takes the same decision
+                if world > 1:
+                    dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank takes the same decision
                 if not finite.item():
                     bad += 1
                     if skipped + bad > args.skip_nonfinite:
@@ -331,7 +334,8 @@ def _train(args: TrainArgs, run: dict, deepspeed) -> dict:
             # one all-reduce for the loss and the stop request: every rank stops at the same step
             reduced = torch.stack([step_loss / max(args.accumulate_grad_batches - bad, 1),
                                    torch.tensor(float(stop.requested), device=device)])
-            dist.all_reduce(reduced)
+            if world > 1:
+                dist.all_reduce(reduced)
             step_loss, stop_now = reduced[0].item() / world, reduced[1].item() > 0
             # In fp16, DeepSpeed's loss scaler owns overflow: it skips that step, reports the
             # norm as inf and lowers the scale, as it routinely does.  Elsewhere it is fatal.
@@ -354,15 +358,13 @@ def _train(args: TrainArgs, run: dict, deepspeed) -> dict:
                     f.write(json.dumps(record) + "\n")
                 bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}")
                 bar.update(1)
-            if stop_now and step < total_steps:
+            if (stop_now or step == args.stop_at_step) and step < total_steps:
                 bar.close()
                 save(step)
-                log(f"\ninterrupted: saved a checkpoint at step {step}; continue with --resume --proj_dir {proj_dir}")
-                raise KeyboardInterrupt
-            if step == args.stop_at_step and step < total_steps:
-                bar.close()
-                save(step)
-                log(f"stopped at step {step} (--stop_at_step); continue with --resume --proj_dir {proj_dir}")
+                why = "\ninterrupted: saved a checkpoint" if stop_now else "stopped (--stop_at_step): saved a checkpoint"
+                log(f"{why} at step {step}; continue with --resume --proj_dir {proj_dir}")
+                if stop_now:
+                    raise KeyboardInterrupt
                 return {"steps": step, "stopped": True, "proj_dir": str(proj_dir)}
             if args.save_every and step % args.save_every == 0 and step < total_steps:
                 save(step)
