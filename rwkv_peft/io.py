@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Callable
 
@@ -73,20 +73,27 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     """Call write(file) on a temporary file beside path, fsync, then rename it over path."""
     path = Path(path)
     directory = check_writable_dir(path.parent if str(path.parent) else Path("."))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    fd, tmp = _create_temp_beside(directory, path.name)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        # mkstemp makes the file private (0600); give it the mode a plain open() would
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def _create_temp_beside(directory: Path, name: str) -> tuple[int, Path]:
+    """A new file .{name}.<random>.tmp in directory, opened for writing. Created with mode
+    0666 so the umask applies as for a plain open() (mkstemp would make it 0600)."""
+    while True:
+        tmp = directory / f".{name}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), tmp
+        except FileExistsError:
+            continue
 
 
 def save_tensor_file_atomic(obj, path: str | os.PathLike) -> None:

@@ -1,0 +1,44 @@
+"""rwkv_peft.io: atomic writes keep the old file on failure, leave no temporary behind, and
+give the new file the mode a plain open() would."""
+
+import os
+import stat
+
+import pytest
+import torch
+
+from rwkv_peft.io import atomic_write, load_tensor_file, save_tensor_file_atomic
+
+
+def test_atomic_write_replaces_or_keeps_and_leaves_nothing_else(tmp_path):
+    target = tmp_path / "out.bin"
+    atomic_write(target, lambda f: f.write(b"first"))
+    assert target.read_bytes() == b"first"
+
+    def fails(f):
+        f.write(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, fails)
+    assert target.read_bytes() == b"first"  # the old content survives a failed write
+    assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+def test_atomic_write_file_mode_follows_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        atomic_write(tmp_path / "a", lambda f: f.write(b"x"))
+        with open(tmp_path / "b", "wb") as f:  # what a plain open() gives
+            f.write(b"x")
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE((tmp_path / "a").stat().st_mode)
+    assert mode == stat.S_IMODE((tmp_path / "b").stat().st_mode) == 0o640
+
+
+def test_tensor_file_round_trip(tmp_path):
+    sd = {"w": torch.arange(6.0).reshape(2, 3)}
+    save_tensor_file_atomic(sd, tmp_path / "m.pth")
+    assert torch.equal(load_tensor_file(tmp_path / "m.pth")["w"], sd["w"])
