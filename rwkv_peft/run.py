@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -65,21 +64,15 @@ def main(argv=None) -> int:
     if not prompt:
         print("error: --prompt encodes to no tokens; give some text", file=sys.stderr)
         return 2
-    start = time.perf_counter()
-    generated = []
-    with torch.no_grad():
-        state = model.zero_state(1)
-        logits, state = model(torch.tensor([prompt], device=args.device), state, last_only=True)
-        for _ in range(args.tokens):
-            token = int(logits[0, -1].float().argmax())
-            if token == tokenizer.eos_id:
-                break
-            generated.append(token)
-            logits, state = model(torch.tensor([[token]], device=args.device), state)
-    elapsed = time.perf_counter() - start
-    print(args.prompt + tokenizer.decode(generated))
-    print(f"\n[{len(prompt)} prompt + {len(generated)} generated tokens in {elapsed:.2f} s]")
-    print("next: run the tests with `python -m pytest -q`")
+    from .generate import Sampling, generate_text
+
+    result = generate_text(model, tokenizer, prompt, None, max_tokens=args.tokens, stop=(),
+                           sampling=Sampling(temperature=0.0))
+    print(args.prompt + result.text)
+    print(f"\n[{len(prompt)} prompt + {len(result.tokens)} generated tokens in "
+          f"{result.prefill_s + result.decode_s:.2f} s]")
+    print("next: fine-tune it with `python train.py --load_model FILE --data_file DATA`, or chat with "
+          "`python demo/chat.py --model FILE`")
     return 0
 
 

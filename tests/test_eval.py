@@ -12,6 +12,7 @@ from rwkv_peft.data.tokenizer import load_tokenizer
 from rwkv_peft.eval import main as eval_main
 from rwkv_peft.peft.adapt import parse_rules, plan_adapters, prepare_peft
 from rwkv_peft.peft.adapter_file import describe_base, save_adapter
+from greedy_reference import greedy_tokens
 from tiny_workspace import ROOT
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: the demo model is tiny
@@ -60,16 +61,7 @@ def reference_reply_loss(model, tok) -> tuple[float, int]:
 
 
 def reference_greedy_reply(model, tok, prompt: str, max_tokens: int = 24) -> str:
-    ids = tok.encode(prompt)
-    out: list[int] = []
-    for _ in range(max_tokens):
-        with torch.no_grad():
-            nxt = int(model(torch.tensor([ids + out]))[0, -1].argmax())
-        if nxt == 0:
-            break
-        out.append(nxt)
-        if "\n\n" in tok.decode(out):
-            break
+    out = greedy_tokens(model, tok.encode(prompt), max_tokens, stop=lambda ids: "\n\n" in tok.decode(ids))
     return tok.decode(out).split("\n\n")[0].strip()
 
 
