@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib
 import json
 import logging
 import os
@@ -206,19 +205,6 @@ def random_model(name: str, device, seed: int) -> RWKV:
     return model.to(torch.bfloat16)
 
 
-def use_op(name: str) -> str:
-    """Make the model's blocks call the chosen WKV op; returns how it was switched."""
-    if hasattr(wkv_torch, "set_op"):
-        wkv_torch.set_op(name)
-        return "rwkv_peft.model.wkv.set_op"
-    # Before the op switch exists: rebind the names the blocks call.
-    rwkv7 = importlib.import_module("rwkv_peft.model.rwkv7")
-    rwkv6 = importlib.import_module("rwkv_peft.model.rwkv6")
-    rwkv7.wkv7 = wkv_cuda.wkv7_cuda if name == "cuda" else wkv_torch.wkv7
-    rwkv6.wkv6 = wkv_cuda.wkv6_cuda if name == "cuda" else wkv_torch.wkv6
-    return "rebound rwkv7.wkv7 / rwkv6.wkv6"
-
-
 def _free_memory():
     gc.collect()
     torch.cuda.empty_cache()
@@ -227,13 +213,9 @@ def _free_memory():
 def train_row(deepspeed, args, model_name, ctx, mb, grad_cp, method, device) -> dict:
     from rwkv_peft.peft.adapt import plan_adapters, prepare_peft
     from rwkv_peft.train.args import TrainArgs
-    from rwkv_peft.train.engine import deepspeed_config
+    from rwkv_peft.train.engine import deepspeed_config, make_optimizer
     from rwkv_peft.train.loss import masked_loss
-
-    try:  # the trainer's groups: weight decay on matrices, w0 at 2x lr
-        from rwkv_peft.train.trainer import _param_groups
-    except ImportError:
-        _param_groups = None
+    from rwkv_peft.train.trainer import _param_groups  # weight decay on matrices, w0 at 2x lr
 
     row = {"model": model_name, "ctx": ctx, "micro_bsz": mb, "grad_cp": grad_cp, "method": method, "op": args.op,
            "gpu": torch.cuda.get_device_name(device)}
@@ -249,10 +231,9 @@ def train_row(deepspeed, args, model_name, ctx, mb, grad_cp, method, device) -> 
         row["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         row["params"] = sum(p.numel() for p in model.parameters())
         model.grad_checkpointing = bool(grad_cp)
-        targs = TrainArgs(micro_bsz=mb, ctx_len=ctx, precision="bf16", grad_cp=grad_cp,
+        targs = TrainArgs(micro_bsz=mb, ctx_len=ctx, precision="bf16", grad_cp=grad_cp, lr_init=1e-5,
                           strategy="deepspeed_stage_1", peft="none" if method == "full" else method)
-        groups = _param_groups(model, targs) if _param_groups else [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(groups, lr=1e-5, betas=(0.9, 0.99), eps=1e-8, fused=True)
+        optimizer = make_optimizer(_param_groups(model, targs), targs, device, offloaded=False)
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
@@ -287,11 +268,8 @@ def train_row(deepspeed, args, model_name, ctx, mb, grad_cp, method, device) -> 
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         row.update(status=f"error: {type(e).__name__}: {first[:200]}")
     finally:
-        if engine is not None and hasattr(engine, "destroy"):
-            try:
-                engine.destroy()
-            except Exception:
-                pass
+        if engine is not None:
+            engine.destroy()
         del engine, optimizer, model
         _free_memory()
     return row
@@ -446,7 +424,8 @@ def main(argv=None) -> int:
 
         if not dist.is_initialized():
             deepspeed.init_distributed(dist_backend="nccl", verbose=False)
-        print(f"WKV op in the model: {args.op} (via {use_op(args.op)})")
+        wkv_torch.set_op(args.op)
+        print(f"WKV op in the model: {args.op}")
         try:
             for model_name in args.models:
                 for ctx in args.ctx:
