@@ -99,24 +99,30 @@ CASES = {
 }
 
 
-def snapshot(d):
-    return {p for p in d.rglob("*") if ".rwkv_peft_cache" not in p.parts}
+@pytest.fixture(scope="module")
+def outcomes(work, tmp_path_factory):
+    """Every case of CASES, run by tests/script_cases.py in one process (one start-up for all)."""
+    tmp = tmp_path_factory.mktemp("cases")
+    cases = [(name, script, [*COMMON, *TRAIN, *args] if script == "train" else args)
+             for name, (script, args, _) in CASES.items()]
+    (tmp / "cases.json").write_text(json.dumps(cases))
+    subprocess.run([sys.executable, str(ROOT / "tests" / "script_cases.py"), str(tmp / "cases.json"),
+                    str(tmp / "results.json")], cwd=work, env=clean_env(), check=True, timeout=600)
+    return json.loads((tmp / "results.json").read_text())
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_bad_input_fails_with_one_line_and_leaves_nothing(work, case):
-    script, args, expected = CASES[case]
+def test_bad_input_fails_with_one_line_and_leaves_nothing(outcomes, case):
+    _, _, expected = CASES[case]
     if case == "fp16 without a GPU" and torch.cuda.is_available():
         pytest.skip("this machine has a GPU, where fp16 training is valid")
-    before = snapshot(work)
-    full = [*COMMON, *TRAIN, *args] if script == "train" else args
-    proc = run_script(work, f"{script}.py", *full, check=False, timeout=300)
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
-    assert len(errors) == 1 and expected in errors[0], proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
-    assert snapshot(work) == before
-    assert not (work / "PWNED").exists()
+    out = outcomes[case]
+    errors = [line for line in out["stderr"].splitlines() if line.startswith("error:")]
+    assert out["code"] == 2, (out["code"], out["stderr"][-2000:])
+    assert len(errors) == 1 and expected in errors[0], out["stderr"][-2000:]
+    assert "Traceback" not in out["stderr"]
+    assert out["new"] == [] and out["gone"] == []
+    assert not out["pwned"]
 
 
 def test_debug_shows_the_traceback(work):
