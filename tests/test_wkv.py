@@ -4,6 +4,8 @@ The per-token loops are themselves checked against a naive, explicit per-head
 reference written here with numpy float64 scalar indexing.
 """
 
+from typing import Callable, NamedTuple
+
 import numpy as np
 import pytest
 import torch
@@ -119,24 +121,32 @@ def naive_wkv6(r, w, k, v, u, state):
     return torch.from_numpy(y), torch.from_numpy(S_out)
 
 
-@pytest.mark.parametrize("with_state", [False, True])
-def test_wkv7_sequential_matches_naive(with_state):
-    B, T, H, N = 2, 6, 2, 4
-    x = rwkv7_inputs(B, T, H, N, seed=3)
-    s0 = rand_state(B, H, N) if with_state else torch.zeros(B, H, N, N, dtype=F64)
-    y, s = wkv7_sequential(*x, state=s0 if with_state else None)
-    y_ref, s_ref = naive_wkv7(*x, s0)
-    assert_close(y, y_ref, 1e-12, "y")
-    assert_close(s, s_ref, 1e-12, "state")
+class Version(NamedTuple):
+    """One WKV version's inputs, references and implementations, so each test runs on both."""
+
+    inputs: Callable
+    naive: Callable
+    sequential: Callable
+    chunked: Callable
+    dispatch: Callable  # wkv7 / wkv6: what the model calls
+    default_chunk: int
+    names: str  # the inputs' letters, for messages
 
 
+V = {7: Version(rwkv7_inputs, naive_wkv7, wkv7_sequential, wkv7_chunked, wkv7, WKV7_CHUNK_LEN, "rwkvab"),
+     6: Version(rwkv6_inputs, naive_wkv6, wkv6_sequential, wkv6_chunked, wkv6, WKV6_CHUNK_LEN, "rwkvu")}
+VERSIONS = pytest.mark.parametrize("version", [7, 6])
+
+
+@VERSIONS
 @pytest.mark.parametrize("with_state", [False, True])
-def test_wkv6_sequential_matches_naive(with_state):
+def test_sequential_matches_naive(version, with_state):
     B, T, H, N = 2, 6, 2, 4
-    x = rwkv6_inputs(B, T, H, N, seed=3)
+    v = V[version]
+    x = v.inputs(B, T, H, N, seed=3)
     s0 = rand_state(B, H, N) if with_state else torch.zeros(B, H, N, N, dtype=F64)
-    y, s = wkv6_sequential(*x, state=s0 if with_state else None)
-    y_ref, s_ref = naive_wkv6(*x, s0)
+    y, s = v.sequential(*x, state=s0 if with_state else None)
+    y_ref, s_ref = v.naive(*x, s0)
     assert_close(y, y_ref, 1e-12, "y")
     assert_close(s, s_ref, 1e-12, "state")
 
@@ -149,74 +159,46 @@ L_TEST = 8  # small chunk for coverage of many chunks / remainders at small T
 T_CASES = [1, 5, L_TEST, L_TEST + 3, 3 * L_TEST + 1, 4 * L_TEST]
 
 
+@VERSIONS
 @pytest.mark.parametrize("T", T_CASES)
 @pytest.mark.parametrize("with_state", [False, True])
-def test_wkv7_chunked_matches_sequential(T, with_state):
+def test_chunked_matches_sequential(version, T, with_state):
     B, H, N = 2, 3, 8
-    x = rwkv7_inputs(B, T, H, N, seed=T)
+    v = V[version]
+    x = v.inputs(B, T, H, N, seed=T)
     s0 = rand_state(B, H, N) if with_state else None
-    y_ref, s_ref = wkv7_sequential(*x, state=s0)
-    y, s = wkv7_chunked(*x, state=s0, chunk_len=L_TEST)
+    y_ref, s_ref = v.sequential(*x, state=s0)
+    y, s = v.chunked(*x, state=s0, chunk_len=L_TEST)
     assert y.shape == (B, T, H, N) and y.dtype == F64
     assert s.shape == (B, H, N, N) and s.dtype == F64
     assert_close(y, y_ref, 1e-10, "y")
     assert_close(s, s_ref, 1e-10, "state")
 
 
-@pytest.mark.parametrize("T", T_CASES)
-@pytest.mark.parametrize("with_state", [False, True])
-def test_wkv6_chunked_matches_sequential(T, with_state):
-    B, H, N = 2, 3, 8
-    x = rwkv6_inputs(B, T, H, N, seed=T)
-    s0 = rand_state(B, H, N) if with_state else None
-    y_ref, s_ref = wkv6_sequential(*x, state=s0)
-    y, s = wkv6_chunked(*x, state=s0, chunk_len=L_TEST)
-    assert y.shape == (B, T, H, N) and y.dtype == F64
-    assert s.shape == (B, H, N, N) and s.dtype == F64
-    assert_close(y, y_ref, 1e-10, "y")
-    assert_close(s, s_ref, 1e-10, "state")
-
-
-@pytest.mark.parametrize("T", [1, 7, 33, 2 * WKV7_CHUNK_LEN + 5])
-def test_wkv7_default_chunk_len(T):
+@VERSIONS
+@pytest.mark.parametrize("T", [1, 7, 33, "2 chunks + 5"])
+def test_default_chunk_len(version, T):
     B, H, N = 1, 2, 16
-    x = rwkv7_inputs(B, T, H, N, seed=10 + T)
+    v = V[version]
+    T = 2 * v.default_chunk + 5 if T == "2 chunks + 5" else T
+    x = v.inputs(B, T, H, N, seed=10 + T)
     s0 = rand_state(B, H, N)
-    y_ref, s_ref = wkv7_sequential(*x, state=s0)
-    for fn in (wkv7_chunked, wkv7):
+    y_ref, s_ref = v.sequential(*x, state=s0)
+    for fn in (v.chunked, v.dispatch):
         y, s = fn(*x, state=s0)
         assert_close(y, y_ref, 1e-10, f"{fn.__name__} y")
         assert_close(s, s_ref, 1e-10, f"{fn.__name__} state")
 
 
-@pytest.mark.parametrize("T", [1, 7, 33, 2 * WKV6_CHUNK_LEN + 5])
-def test_wkv6_default_chunk_len(T):
-    B, H, N = 1, 2, 16
-    x = rwkv6_inputs(B, T, H, N, seed=10 + T)
-    s0 = rand_state(B, H, N)
-    y_ref, s_ref = wkv6_sequential(*x, state=s0)
-    for fn in (wkv6_chunked, wkv6):
-        y, s = fn(*x, state=s0)
-        assert_close(y, y_ref, 1e-10, f"{fn.__name__} y")
-        assert_close(s, s_ref, 1e-10, f"{fn.__name__} state")
-
-
-@pytest.mark.parametrize("L", [1, 2, 4, 16, 32, 64])
-def test_wkv6_chunk_lengths(L):
-    x = rwkv6_inputs(1, 45, 2, 8, seed=L)
+# RWKV-6's chunk length must be a power of two; RWKV-7's may be anything
+@pytest.mark.parametrize("version,L", [(7, 1), (7, 3), (7, 5), (7, 16), (7, 32), (7, 64),
+                                       (6, 1), (6, 2), (6, 4), (6, 16), (6, 32), (6, 64)])
+def test_chunk_lengths(version, L):
+    v = V[version]
+    x = v.inputs(1, 45, 2, 8, seed=L)
     s0 = rand_state(1, 2, 8)
-    y_ref, s_ref = wkv6_sequential(*x, state=s0)
-    y, s = wkv6_chunked(*x, state=s0, chunk_len=L)
-    assert_close(y, y_ref, 1e-10, "y")
-    assert_close(s, s_ref, 1e-10, "state")
-
-
-@pytest.mark.parametrize("L", [1, 3, 5, 16, 32, 64])
-def test_wkv7_chunk_lengths(L):
-    x = rwkv7_inputs(1, 45, 2, 8, seed=L)
-    s0 = rand_state(1, 2, 8)
-    y_ref, s_ref = wkv7_sequential(*x, state=s0)
-    y, s = wkv7_chunked(*x, state=s0, chunk_len=L)
+    y_ref, s_ref = v.sequential(*x, state=s0)
+    y, s = v.chunked(*x, state=s0, chunk_len=L)
     assert_close(y, y_ref, 1e-10, "y")
     assert_close(s, s_ref, 1e-10, "state")
 
@@ -290,13 +272,11 @@ def _grads(fn, inputs, state, gy, gs, **kw):
     return [t.grad for t in inputs] + [state.grad]
 
 
-@pytest.mark.parametrize("version", [7, 6])
+@VERSIONS
 def test_chunked_grads_match_sequential(version):
     B, T, H, N = 2, 2 * L_TEST + 3, 2, 6
-    if version == 7:
-        x, seq, chk, names = rwkv7_inputs(B, T, H, N, seed=4), wkv7_sequential, wkv7_chunked, "rwkvab"
-    else:
-        x, seq, chk, names = rwkv6_inputs(B, T, H, N, seed=4), wkv6_sequential, wkv6_chunked, "rwkvu"
+    v = V[version]
+    x, seq, chk, names = v.inputs(B, T, H, N, seed=4), v.sequential, v.chunked, v.names
     s0 = rand_state(B, H, N)
     gy = torch.randn(B, T, H, N, generator=_gen(5), dtype=F64)
     gs = torch.randn(B, H, N, N, generator=_gen(6), dtype=F64)
@@ -307,7 +287,7 @@ def test_chunked_grads_match_sequential(version):
         assert_close(a, e, 1e-9, f"grad {name}")
 
 
-@pytest.mark.parametrize("version", [7, 6])
+@VERSIONS
 def test_backward_after_inference_mode_call(version):
     """Cached constants built by a first call under torch.inference_mode() (generation,
     evaluation) must not break a later backward (training in the same process)."""
@@ -316,10 +296,7 @@ def test_backward_after_inference_mode_call(version):
     wkv_module._tril_masks.cache_clear()
     wkv_module._wkv6_tile_index.cache_clear()
     B, T, H, N = 1, 2 * L_TEST + 3, 2, 4
-    if version == 7:
-        x, seq, chk = rwkv7_inputs(B, T, H, N, seed=7), wkv7_sequential, wkv7_chunked
-    else:
-        x, seq, chk = rwkv6_inputs(B, T, H, N, seed=7), wkv6_sequential, wkv6_chunked
+    x, seq, chk = V[version].inputs(B, T, H, N, seed=7), V[version].sequential, V[version].chunked
     s0 = rand_state(B, H, N)
     with torch.inference_mode():
         chk(*x, state=s0, chunk_len=L_TEST)
@@ -362,13 +339,10 @@ def test_wkv6_chunked_gradcheck(T, L, fast):
 # --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("version", [7, 6])
+@VERSIONS
 def test_fp32_chunked_matches_float64_sequential(version):
     B, T, H, N = 1, 130, 2, 64
-    if version == 7:
-        x, seq, chk = rwkv7_inputs(B, T, H, N, seed=8), wkv7_sequential, wkv7_chunked
-    else:
-        x, seq, chk = rwkv6_inputs(B, T, H, N, seed=8), wkv6_sequential, wkv6_chunked
+    x, seq, chk = V[version].inputs(B, T, H, N, seed=8), V[version].sequential, V[version].chunked
     s0 = rand_state(B, H, N)
     y_ref, s_ref = seq(*x, state=s0)
     y, s = chk(*(t.float() for t in x), state=s0.float())
@@ -377,13 +351,10 @@ def test_fp32_chunked_matches_float64_sequential(version):
     assert_close(s, s_ref, 1e-5, "state")
 
 
-@pytest.mark.parametrize("version", [7, 6])
+@VERSIONS
 def test_bf16_inputs(version):
     B, T, H, N = 1, 40, 2, 32
-    if version == 7:
-        x, seq, chk = rwkv7_inputs(B, T, H, N, seed=9), wkv7_sequential, wkv7_chunked
-    else:
-        x, seq, chk = rwkv6_inputs(B, T, H, N, seed=9), wkv6_sequential, wkv6_chunked
+    x, seq, chk = V[version].inputs(B, T, H, N, seed=9), V[version].sequential, V[version].chunked
     xb = [t.bfloat16() for t in x]
     # reference: the same bf16-rounded inputs, computed in float64
     y_ref, s_ref = seq(*(t.double() for t in xb))
