@@ -129,17 +129,16 @@ def task_score(model, tokenizer, items: list[dict], max_tokens: int) -> dict:
     return {"task": hits / n, "exact": exact / n, "items": len(items), "replies": replies}
 
 
-def adapter_info(model, adapter_path: str) -> tuple[str, int]:
-    """(a short label such as 'bone:64', trainable parameter count) of the adapter model carries:
-    the methods' parameters (not their buffers, such as PiSSA's starting point) and the
-    trained parts the file holds."""
-    from .peft.adapter_file import read_adapter
+def adapter_info(model, adapter) -> tuple[str, int]:
+    """(a short label such as 'bone:64', trainable parameter count) of the adapter (a read
+    `Adapter`) that model carries: the methods' parameters (not their buffers, such as
+    PiSSA's starting point) and the trained parts the adapter holds."""
     from .peft.methods import PeftMethod
 
     methods = [m for m in model.modules() if isinstance(m, PeftMethod)]
     labels = sorted({f"{m.name}:{m.r}" for m in methods})
     n = sum(p.numel() for m in methods for p in m.parameters())
-    n += sum(t.numel() for t in read_adapter(adapter_path).parts.values())
+    n += sum(t.numel() for t in adapter.parts.values())
     return "+".join(labels) or "parts", n
 
 
@@ -149,11 +148,12 @@ def evaluate(args) -> list[dict]:
     from .model import load_model
     from .peft.adapter_file import read_adapter, recorded_base
 
+    adapters = {a: read_adapter(a) for a in args.adapter}  # each file read once, for every use below
     model_path = args.model
     if model_path is None:
         if not args.adapter:
             raise RWKVPeftError("give --model FILE, or --adapter FILE (its recorded base is then the model)")
-        model_path = recorded_base(read_adapter(args.adapter[0]), args.adapter[0], "pass --model BASE.pth",
+        model_path = recorded_base(adapters[args.adapter[0]], args.adapter[0], "pass --model BASE.pth",
                                    what="base")
     rows = ([("base", args.base, None)] if args.base else []) + [("model", model_path, None)]
     rows += [("adapter", model_path, a) for a in args.adapter]
@@ -165,7 +165,8 @@ def evaluate(args) -> list[dict]:
         data = items = None
         for kind, path, adapter in rows:
             start = time.perf_counter()
-            model = load_model(path, adapter=adapter, dtype=torch.float32, device=args.device).eval()
+            model = load_model(path, adapter=adapters[adapter] if adapter else None, dtype=torch.float32,
+                               device=args.device).eval()
             set_threads(model, args.threads)
             if tokenizer is None:
                 tokenizer = tokenizer_for(model.emb.weight.shape[0], args.tokenizer)
@@ -174,7 +175,7 @@ def evaluate(args) -> list[dict]:
                 items = task_items(records, tokenizer)
             loss, n_tokens = heldout_loss(model, data)
             score = task_score(model, tokenizer, items, args.max_tokens)
-            label, trainable = adapter_info(model, adapter) if adapter else (Path(path).name, 0)
+            label, trainable = adapter_info(model, adapters[adapter]) if adapter else (Path(path).name, 0)
             name = f"{Path(adapter).parent.name}/{Path(adapter).name}" if adapter else str(path)
             results.append({"model": name, "method": label if adapter else kind, "trainable": trainable,
                             "loss": loss, "ppl": math.exp(min(loss, 50.0)), "loss_tokens": n_tokens,
