@@ -53,8 +53,9 @@ def main(cases_file: str, results_file: str) -> None:
             mains[script] = load_main(script)
         before = snapshot(work)
         code, stderr = run_case(mains[script], args)
-        results[name] = {"code": code, "stderr": stderr, "new": sorted(snapshot(work) - before),
-                         "gone": sorted(before - snapshot(work)), "pwned": (work / "PWNED").exists()}
+        after = snapshot(work)
+        results[name] = {"code": code, "stderr": stderr, "new": sorted(after - before),
+                         "gone": sorted(before - after), "pwned": (work / "PWNED").exists()}
     Path(results_file).write_text(json.dumps(results))
 
 

@@ -1,6 +1,5 @@
 """Sampling and streaming generation (rwkv_peft.generate), with expected values worked out by hand."""
 
-
 import pytest
 import torch
 
