@@ -7,28 +7,7 @@
 
 import sys
 
-from rwkv_peft.errors import RWKVPeftError
-from rwkv_peft.train.args import parse_args
-
-
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in argv
-    try:
-        args = parse_args(argv, description=__doc__)  # --help exits here, before the heavy imports
-        from rwkv_peft.train.trainer import train
-
-        train(args)
-    except RWKVPeftError as e:
-        if debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("stopped", file=sys.stderr)
-        return 130
-    return 0
-
+from rwkv_peft.cli import train as main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -28,23 +28,25 @@ from pathlib import Path
 
 import torch
 
+from .assets import DEMO_HELDOUT
 from .errors import RWKVPeftError
 from .train.loss import masked_ce_sum
 
-REPO = Path(__file__).resolve().parent.parent
-DEMO_HELDOUT = REPO / "demo" / "data" / "heldout.jsonl"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m rwkv_peft.eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .peft.adapter_file import add_foreign_adapter_flags
+    from .train.args import HelpFormatter
+
+    p = argparse.ArgumentParser(prog="python -m rwkv_peft.eval", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", help="checkpoint to evaluate; with --adapter, the base the adapters run on "
                                    "(default: the base recorded in the first adapter)")
     p.add_argument("--adapter", nargs="+", default=[], help="adapter file(s), each evaluated on --model")
+    add_foreign_adapter_flags(p)
     p.add_argument("--base", help="another checkpoint to evaluate first, as the baseline (e.g. the base of a "
                                   "merged --model)")
     p.add_argument("--data", default=str(DEMO_HELDOUT), help="chat .jsonl ({\"messages\": [...]}, optional "
-                                                             "\"answer\"); default: demo/data/heldout.jsonl")
+                                                             "\"answer\")")
     p.add_argument("--tokenizer", default="auto", help="'world', a tokenizer.json, or auto (as demo/chat.py)")
     p.add_argument("--ctx_len", type=int, default=512, help="tokens per record for the loss (longer: cut)")
     p.add_argument("--max_tokens", type=int, default=64, help="longest greedy reply for the task score")
@@ -144,11 +146,13 @@ def adapter_info(model, adapter) -> tuple[str, int]:
 
 def evaluate(args) -> list[dict]:
     from .data.datasets import load_training_data
-    from .generate import set_threads, tokenizer_for
+    from .data.tokenizer import tokenizer_for
+    from .generate import set_threads
     from .model import load_model
     from .peft.adapter_file import read_adapter, recorded_base
 
-    adapters = {a: read_adapter(a) for a in args.adapter}  # each file read once, for every use below
+    # each file read once, for every use below
+    adapters = {a: read_adapter(a, lora_alpha=args.lora_alpha, pissa_init=args.pissa_init) for a in args.adapter}
     model_path = args.model
     if model_path is None:
         if not args.adapter:
@@ -176,7 +180,7 @@ def evaluate(args) -> list[dict]:
             loss, n_tokens = heldout_loss(model, data)
             score = task_score(model, tokenizer, items, args.max_tokens)
             label, trainable = adapter_info(model, adapters[adapter]) if adapter else (Path(path).name, 0)
-            name = f"{Path(adapter).parent.name}/{Path(adapter).name}" if adapter else str(path)
+            name = adapter or str(path)  # as given: two adapters of one method stay apart
             results.append({"model": name, "method": label if adapter else kind, "trainable": trainable,
                             "loss": loss, "ppl": math.exp(min(loss, 50.0)), "loss_tokens": n_tokens,
                             "task": score["task"], "exact": score["exact"], "items": score["items"],
@@ -200,7 +204,7 @@ def print_table(results: list[dict], show: int, out=sys.stdout) -> None:
               "greedy replies)", file=out)
     for r in results:
         for item, reply, hit in r["replies"][:show]:
-            print(f"\n[{r['method']}] {'OK ' if hit else 'MISS'} Q: {item['question']}\n"
+            print(f"\n[{r['model']}] {'OK ' if hit else 'MISS'} Q: {item['question']}\n"
                   f"      expected: {item['answer'] or item['expected']}\n      reply:    {reply}", file=out)
 
 

@@ -31,17 +31,13 @@ from __future__ import annotations
 import codecs
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
 
 __all__ = ["GenerationResult", "Penalties", "Sampling", "StreamDecoder", "generate", "generate_text",
-           "prefill", "sample_logits", "sampling_probs", "set_threads", "tokenizer_for"]
+           "prefill", "sample_logits", "sampling_probs", "set_threads"]
 
-_REPO = Path(__file__).resolve().parent.parent
-DEMO_TOKENIZER = _REPO / "demo" / "tokenizer.json"
-WORLD_VOCAB = 65536
 
 
 SMALL_MODEL_PARAMS = 20_000_000
@@ -58,31 +54,6 @@ def set_threads(model, threads: int | None = None) -> int:
         threads = 1 if small else torch.get_num_threads()
     torch.set_num_threads(max(1, int(threads)))
     return torch.get_num_threads()
-
-
-def tokenizer_for(vocab_rows: int, spec: str = "auto"):
-    """The tokenizer for a model whose embedding has vocab_rows rows.
-
-    spec "auto": the demo's tokenizer.json when its size equals vocab_rows (the demo model
-    stores no tokenizer; this is how it is recognised), the World tokenizer for 65536 rows;
-    anything else must be named. "world" or a tokenizer.json path: that one, checked to fit.
-    """
-    from .data.tokenizer import check_fits_model, load_tokenizer
-    from .errors import RWKVPeftError
-
-    demo = load_tokenizer(DEMO_TOKENIZER) if spec == "auto" and DEMO_TOKENIZER.exists() else None
-    if spec != "auto":
-        tok = load_tokenizer(spec)
-    elif demo is not None and demo.vocab_size == vocab_rows:
-        tok = demo
-    elif vocab_rows == WORLD_VOCAB:
-        tok = load_tokenizer("world")
-    else:
-        raise RWKVPeftError(f"the model has {vocab_rows} vocabulary rows, which fits neither the demo's "
-                            f"tokenizer ({DEMO_TOKENIZER}) nor the World tokenizer ({WORLD_VOCAB}); "
-                            "pass --tokenizer FILE.json")
-    check_fits_model(tok, vocab_rows, spec)
-    return tok
 
 
 def sampling_probs(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,

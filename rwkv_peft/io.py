@@ -1,8 +1,10 @@
 """Reading and writing tensor files safely.
 
-Loads never run pickle code (`weights_only=True`: a checkpoint is untrusted input), and
-saves are atomic (write a temporary file beside the target, then rename), so an
-interrupted write never leaves a half-written file under the real name.
+Checkpoints are PyTorch files (.pth, the official format) or safetensors (.safetensors:
+no pickle at all, memory-mapped). Loads never run pickle code (`weights_only=True`: a
+checkpoint is untrusted input), and saves are atomic (write a temporary file beside the
+target, then rename), so an interrupted write never leaves a half-written file under the
+real name.
 """
 
 from __future__ import annotations
@@ -18,15 +20,28 @@ import torch
 from .errors import RWKVPeftError
 
 
+CHECKPOINT_SUFFIXES = (".pth", ".safetensors")
+
+
+def check_checkpoint_suffix(path: str | os.PathLike, flag: str) -> None:
+    """A checkpoint to be written must say its format by its name: .pth or .safetensors."""
+    if Path(path).suffix not in CHECKPOINT_SUFFIXES:
+        raise RWKVPeftError(f"{flag} {path}: unknown checkpoint format '{Path(path).suffix}'; "
+                            "name it .pth (PyTorch) or .safetensors")
+
+
 def load_tensor_file(path: str | os.PathLike, what: str = "checkpoint") -> dict:
-    """torch.load with weights_only=True (memory-mapped when the format allows), clear errors."""
+    """A dict of tensors from a .safetensors file, or torch.load with weights_only=True
+    (memory-mapped when the format allows); clear errors."""
     path = Path(path)
     if not path.exists():
         raise RWKVPeftError(f"{what} not found: {path}")
     if path.is_dir():
-        raise RWKVPeftError(f"{what} path is a directory, expected a .pth file: {path}")
+        raise RWKVPeftError(f"{what} path is a directory, expected a .pth or .safetensors file: {path}")
     if path.stat().st_size == 0:
         raise RWKVPeftError(f"{what} {path} is empty (0 bytes); re-download or re-create it")
+    if path.suffix == ".safetensors":
+        return _load_safetensors(path, what)
     try:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -48,6 +63,18 @@ def load_tensor_file(path: str | os.PathLike, what: str = "checkpoint") -> dict:
     if not isinstance(obj, dict):
         raise RWKVPeftError(f"{what} {path} holds a {type(obj).__name__}, expected a dict of tensors")
     return obj
+
+
+def _load_safetensors(path: Path, what: str) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RWKVPeftError(f"{what} {path} is not a readable safetensors file (truncated or corrupt?): "
+                            f"{first[:160]}") from None
 
 
 def check_writable_dir(directory: str | os.PathLike, message: Callable[[Path], str] | None = None, *,
@@ -99,3 +126,15 @@ def _create_temp_beside(directory: Path, name: str) -> tuple[int, Path]:
 def save_tensor_file_atomic(obj, path: str | os.PathLike) -> None:
     """torch.save, atomically (see atomic_write)."""
     atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def save_checkpoint_file(sd: dict, path: str | os.PathLike, flag: str = "output") -> None:
+    """A state dict as a .pth or .safetensors file, by the name's suffix, atomically."""
+    check_checkpoint_suffix(path, flag)
+    if Path(path).suffix == ".safetensors":
+        from safetensors.torch import save
+
+        data = save({k: v.detach().to("cpu").contiguous() for k, v in sd.items()})
+        atomic_write(path, lambda f: f.write(data))
+    else:
+        save_tensor_file_atomic(sd, path)

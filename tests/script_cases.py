@@ -10,6 +10,7 @@ except for the interpreter start-up.
 """
 
 import contextlib
+import importlib
 import importlib.util
 import io
 import json
@@ -26,6 +27,8 @@ def snapshot(d: Path) -> set[str]:
 
 
 def load_main(script: str):
+    if script.startswith("rwkv_peft/"):  # a module of the package, run as python -m rwkv_peft.X
+        return importlib.import_module(script.replace("/", ".")).main
     spec = importlib.util.spec_from_file_location(f"script_{script.replace('/', '_')}", ROOT / f"{script}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -7,7 +7,8 @@ import stat
 import pytest
 import torch
 
-from rwkv_peft.io import atomic_write, load_tensor_file, save_tensor_file_atomic
+from rwkv_peft.errors import RWKVPeftError
+from rwkv_peft.io import atomic_write, load_tensor_file, save_checkpoint_file, save_tensor_file_atomic
 
 
 def test_atomic_write_replaces_or_keeps_and_leaves_nothing_else(tmp_path):
@@ -42,3 +43,17 @@ def test_tensor_file_round_trip(tmp_path):
     sd = {"w": torch.arange(6.0).reshape(2, 3)}
     save_tensor_file_atomic(sd, tmp_path / "m.pth")
     assert torch.equal(load_tensor_file(tmp_path / "m.pth")["w"], sd["w"])
+
+
+def test_checkpoints_as_safetensors_round_trip_and_other_names_are_refused(tmp_path):
+    sd = {"emb.weight": torch.randn(5, 3).bfloat16(), "ln_out.bias": torch.arange(3.0)}
+    save_checkpoint_file(sd, tmp_path / "m.safetensors")
+    assert (tmp_path / "m.safetensors").read_bytes()[8:9] == b"{"  # a safetensors header, not a zip
+    for name in ("m.safetensors", "m.pth"):
+        if name == "m.pth":
+            save_checkpoint_file(sd, tmp_path / name)
+        back = load_tensor_file(tmp_path / name)
+        assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
+    with pytest.raises(RWKVPeftError, match=r"m.bin: unknown checkpoint format '.bin'; name it .pth"):
+        save_checkpoint_file(sd, tmp_path / "m.bin", "--output")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pth", "m.safetensors"]

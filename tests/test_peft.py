@@ -182,6 +182,42 @@ def test_rwkv_peft_adapter_import(tmp_path):
                                    expected, atol=1e-4, rtol=1e-4)
 
 
+def test_rwkv_peft_pissa_merges_with_its_init_file(tmp_path, capsys):
+    """RWKV-PEFT writes a PiSSA run as lora_A/lora_B plus init_pissa.pth (init_lora_A/B):
+    merged = W + B A - B0 A0. Read as plain LoRA it would silently lose the - B0 A0."""
+    from rwkv_peft.cli import merge
+
+    sd = make_base(7)
+    g = torch.Generator().manual_seed(3)
+    C = sd["emb.weight"].shape[1]
+    modules = ["blocks.0.att.key", "blocks.1.ffn.value"]
+    adapter, init, ref = {}, {}, dict(sd)
+    for m in modules:
+        out_f, in_f = sd[f"{m}.weight"].shape
+        A0, B0 = torch.randn(4, in_f, generator=g) * 0.1, torch.randn(out_f, 4, generator=g) * 0.1
+        A, B = A0 + torch.randn(4, in_f, generator=g) * 0.05, B0 + torch.randn(out_f, 4, generator=g) * 0.05
+        adapter[f"{m}.lora_A"], adapter[f"{m}.lora_B"] = A.bfloat16(), B.bfloat16()
+        init[f"model.{m}.init_lora_A"], init[f"model.{m}.init_lora_B"] = A0, B0
+        W = sd[f"{m}.weight"]
+        ref[f"{m}.weight"] = (W.float() + B.bfloat16().float() @ A.bfloat16().float() - B0 @ A0).to(W.dtype)
+    torch.save(sd, tmp_path / "base.pth")
+    torch.save(adapter, tmp_path / "adapter.pth")
+    torch.save(init, tmp_path / "init_pissa.pth")
+    assert merge(["--base", str(tmp_path / "base.pth"), "--adapter", str(tmp_path / "adapter.pth"),
+                  "--pissa_init", str(tmp_path / "init_pissa.pth"), "--output", str(tmp_path / "m.pth")]) == 0
+    assert "verify: OK" in capsys.readouterr().out
+    merged = torch.load(tmp_path / "m.pth", weights_only=True)
+    for key, t in ref.items():
+        torch.testing.assert_close(merged[key].float(), t.float(), atol=1e-5, rtol=1e-5)
+    # the same reading serves running it unmerged
+    tokens = tokens_for(sd)
+    unmerged = load_model(sd, adapter=read_adapter(tmp_path / "adapter.pth",
+                                                   pissa_init=tmp_path / "init_pissa.pth"), dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(unmerged(tokens), load_model(ref, dtype=torch.float32)(tokens),
+                                   atol=1e-4, rtol=1e-4)
+
+
 def test_rules_first_match_none_and_defaults():
     model = load_model(make_base(6), dtype=torch.float32)
     plan = plan_adapters(model, parse_rules("blocks.0.*=none; blocks.*.att.key=lora:4; blocks.*.att.*=bone:8"),
@@ -255,9 +291,9 @@ def test_merge_refuses_a_wrong_result(tmp_path):
     save_adapter(path, methods, parts, describe_base(sd, model.config, None))
     adapter = read_adapter(path)
     merged = merge_adapter(sd, adapter)
-    assert "verify: max |logit difference|" in check_merge(sd, adapter, merged, torch.float32)
+    assert check_merge(sd, adapter, merged, torch.float32).startswith("verify: OK, the merged model matches")
     merged["blocks.1.att.key.weight"] = merged["blocks.1.att.key.weight"] * 1.5
-    with pytest.raises(RWKVPeftError, match="refusing to write"):
+    with pytest.raises(RWKVPeftError, match="^verify FAILED: .* refusing to write"):
         check_merge(sd, adapter, merged, torch.float32)
 
 
@@ -276,7 +312,7 @@ def test_merge_cli_bare_uses_newest_adapter_and_its_base(tmp_path):
     save_adapter(adapter, methods, parts, describe_base(sd, model.config, base))
     proc = run_merge(tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "verify: max |logit difference|" in proc.stdout and "next:" in proc.stdout
+    assert "verify: OK" in proc.stdout and "next:" in proc.stdout
     merged = tmp_path / "out" / "run1" / "merged.pth"
     tokens = tokens_for(sd)
     with torch.no_grad():

@@ -50,6 +50,12 @@ def work(tmp_path_factory):
     model = load_model(base)
     methods, parts = prepare_peft(model, plan_adapters(model, [], ("bone", {"r": 16})))
     save_adapter(d / "good.safetensors", methods, parts, describe_base(base, model.config, d / "base.pth"))
+    # RWKV-PEFT LoRA/PiSSA files, which say neither alpha nor which method they are
+    C = base["emb.weight"].shape[1]
+    torch.save({"blocks.0.att.key.lora_A": torch.ones(4, C), "blocks.0.att.key.lora_B": torch.ones(C, 4)},
+               d / "peft-lora.pth")
+    torch.save({"model.blocks.0.att.key.init_lora_A": torch.ones(4, C)}, d / "init-of-another-run.pth")
+    (d / "garbage.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all")
     (d / "empty.jsonl").write_text("")
     (d / "malformed.jsonl").write_text('{"text": "the cat"}\n{"text": "sat on\n')
     (d / "nofields.jsonl").write_text('{"query": "red", "response": "bird"}\n{"query": "cat"}\n')
@@ -92,6 +98,23 @@ CASES = {
     "resume nothing": ("train", ["--proj_dir", "fresh", "--resume"], "nothing to resume in fresh"),
     "deepspeed json conflict": ("train", ["--deepspeed_config", "ds.json"], "train_batch_size 7 != micro batch 2"),
     "fp16 without a GPU": ("train", ["--precision", "fp16"], "--precision fp16 needs a CUDA GPU"),
+    "peft full with rules": ("train", ["--peft", "full", "--peft_rules", "blocks.*=bone:16"],
+                             "--peft full trains every weight, so --peft_rules cannot apply"),
+    "corrupt safetensors": ("train", ["--load_model", "garbage.safetensors"],
+                            "garbage.safetensors is not a readable safetensors file"),
+    "run with a bigger tokenizer": ("rwkv_peft/run", ["--model", "base.pth", "--tokenizer", "world"],
+                                    "--tokenizer world has 65536 ids but the model's vocabulary has 21"),
+    "run with no fitting tokenizer": ("rwkv_peft/run", ["--model", "base.pth"],
+                                      "the model has 21 vocabulary rows, which fits neither"),
+    "eval with a bigger tokenizer": ("rwkv_peft/eval", ["--model", "base.pth", "--tokenizer", "world",
+                                                        "--data", "chat.jsonl"],
+                                     "--tokenizer world has 65536 ids but the model's vocabulary has 21"),
+    "RWKV-PEFT LoRA without alpha": ("merge", ["--base", "base.pth", "--adapter", "peft-lora.pth"],
+                                     "records neither alpha nor which of the two it is; pass --lora_alpha"),
+    "PiSSA init of another run": ("merge", ["--base", "base.pth", "--adapter", "peft-lora.pth", "--pissa_init",
+                                            "init-of-another-run.pth"], "missing tensor 'blocks.0.att.key.init_lora_B'"),
+    "merge to an unknown format": ("merge", ["--base", "base.pth", "--adapter", "good.safetensors", "--output",
+                                             "m.bin"], "--output m.bin: unknown checkpoint format '.bin'"),
     "merge over its base": ("merge", ["--base", "base.pth", "--adapter", "good.safetensors", "--output",
                                       "base.pth"], "--output base.pth is the same file as --base"),
     "merge into a file's dir": ("merge", ["--base", "base.pth", "--adapter", "good.safetensors", "--output",

@@ -24,9 +24,18 @@ def test_run_continues_greedily(capsys):
     assert f"[{len(tok.encode(prompt))} prompt + {len(expected)} generated tokens" in out
 
 
-def test_run_without_a_model_creates_and_saves_a_fresh_one(tmp_path, monkeypatch, capsys):
+def test_run_picks_the_tokenizer_that_fits_the_model_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    """What train.py's `next:` hint runs on a fully trained demo model: no --tokenizer given, a
+    1024-word vocabulary (the World tokenizer's ids would index past it)."""
     monkeypatch.chdir(tmp_path)
-    assert run_main(["--tokens", "3"]) == 0
-    saved = tmp_path / "out" / "fresh-rwkv7-tiny.pth"
-    assert "created an untrained tiny RWKV-7" in capsys.readouterr().out
-    assert load_model(str(saved)).config.n_layer == 2  # loads back as an official checkpoint
+    (tmp_path / "model.safetensors").write_bytes(safetensors_bytes(BASE))
+    assert run_main(["--model", "model.safetensors", "--tokens", "3"]) == 0
+    assert run_main(["--tokens", "3"]) == 0  # no --model: the embedded demo base
+    assert capsys.readouterr().out.count("RWKV-7: 4 layers, width 128") == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+
+
+def safetensors_bytes(path) -> bytes:
+    from safetensors.torch import save
+
+    return save(torch.load(path, weights_only=True))

@@ -92,6 +92,19 @@ def test_resume_continues_exactly(work):
     for module in a.tensors:
         for name, t in a.tensors[module].items():
             assert torch.equal(b.tensors[module][name], t), (module, name)
+    # the summary describes the whole run, both segments; args.json names the real directory
+    summary = json.loads((work / "halves/summary.json").read_text())
+    first_half = json.loads((work / "halves/metrics.jsonl").read_text().splitlines()[3])["elapsed_s"]
+    assert summary["segments"] == 2 and summary["tokens_seen"] == 8 * 2 * 32
+    assert summary["time_s"] > first_half > 0
+    assert summary["final_loss"] == pytest.approx(losses(work / "halves")[-1], abs=1e-6)
+    assert json.loads((work / "halves/args.json").read_text())["proj_dir"] == "halves"
+
+    # resuming a finished run says so and changes nothing
+    before = {p: p.read_bytes() for p in (work / "halves").rglob("*") if p.is_file()}
+    proc = train(work, *args, "--proj_dir", "halves", "--resume")
+    assert "already complete (8 of 8 steps); nothing was changed" in proc.stdout
+    assert {p: p.read_bytes() for p in (work / "halves").rglob("*") if p.is_file()} == before
 
 
 def test_resume_with_nothing_to_resume_fails_clearly(work):
@@ -110,15 +123,67 @@ def test_bf16_run_and_full_finetune(work):
     assert list(model.state_dict()) == list(torch.load(work / "base.pth", weights_only=True))
 
 
-def test_training_from_scratch(work):
-    args = ["--tokenizer", "tok.json", "--data_file", "text.jsonl", "--ctx_len", "32", "--n_layer", "2",
-            "--n_embd", "64", "--head_size", "16", "--peft", "none", "--max_steps", "20", "--micro_bsz", "4",
-            "--lr_init", "3e-3", "--warmup_steps", "0", "--precision", "fp32", "--proj_dir", "scratch"]
-    train(work, *args)
+SCRATCH = ["--tokenizer", "tok.json", "--data_file", "text.jsonl", "--ctx_len", "32", "--n_layer", "2",
+           "--n_embd", "64", "--head_size", "16", "--micro_bsz", "4", "--lr_init", "3e-3", "--warmup_steps", "0",
+           "--precision", "fp32"]
+
+
+def test_training_from_scratch_trains_every_weight_by_default(work):
+    proc = train(work, *SCRATCH, "--max_steps", "20", "--model_format", "safetensors", "--proj_dir", "scratch")
+    assert "(100%): full training" in proc.stdout
     loss = losses(work / "scratch")
     assert loss[-1] < 0.7 * loss[0], loss
-    model = load_model(work / "scratch/model.pth")
+    model = load_model(work / "scratch/model.safetensors")
     assert model.config.vocab_size == 21 and model.config.n_layer == 2
+    assert not (work / "scratch/adapter.safetensors").exists()
+
+
+def test_adapters_on_a_new_model_save_its_base_for_merge(work):
+    train(work, *SCRATCH, "--peft", "bone", "--bone_r", "16", "--max_steps", "3", "--proj_dir", "scratch-bone")
+    adapter = read_adapter(work / "scratch-bone/adapter.safetensors")
+    assert adapter.base["path"] == str((work / "scratch-bone/base.pth").resolve())
+    # merge.py finds the recorded base by itself, and the merged file holds base + delta
+    proc = run_script(work, "merge.py", "--adapter", "scratch-bone/adapter.safetensors",
+                      "--output", "scratch-bone/merged.safetensors")
+    assert "verify: OK" in proc.stdout
+    base = load_model(work / "scratch-bone/base.pth").state_dict()
+    merged = load_model(work / "scratch-bone/merged.safetensors").state_dict()
+    for key, W in merged.items():
+        module = key.removesuffix(".weight")
+        if module in adapter.layers:
+            D = adapter.tensors[module]["bone"]
+            torch.testing.assert_close(W, base[key] + D.T.repeat(1, W.shape[1] // D.shape[0]))
+        else:
+            assert torch.equal(W, base[key]), key
+
+
+def test_demo_base_on_your_own_data_picks_its_tokenizer(work):
+    """No --tokenizer: the demo base (1024 words) gets the demo tokenizer, as in chat and eval."""
+    proc = train(work, "--load_model", str(ROOT / "demo/base.pth"), "--data_file", "text.jsonl", "--ctx_len", "32",
+                 "--max_steps", "2", "--proj_dir", "demo-base-own-data")
+    assert len(losses(work / "demo-base-own-data")) == 2, proc.stderr[-2000:]
+
+
+def test_help_shows_each_default_once(capsys):
+    from rwkv_peft.eval import parse_args as eval_args
+    from rwkv_peft.train.args import build_parser
+
+    vocab = " ".join(build_parser().format_help().split("--vocab_size VOCAB_SIZE")[-1].split("--")[0].split())
+    assert vocab.count("default") == 1, vocab
+    with pytest.raises(SystemExit):
+        eval_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "longest greedy reply for the task score (default: 64)" in text
+
+
+def test_short_runs_warm_up_briefly_and_say_how_to_train_more(work):
+    args = [a for a in COMMON if a not in ("--warmup_steps", "0")]
+    proc = train(work, *args, "--micro_bsz", "8", "--proj_dir", "short")  # one epoch of a few dozen samples
+    lrs = [json.loads(line)["lr"] for line in (work / "short/metrics.jsonl").read_text().splitlines()]
+    assert (f"make only {len(lrs)} optimizer steps; for more training pass --epochs N or --max_steps N"
+            in proc.stdout)
+    warmup = len(lrs) // 10  # a tenth of the run, not the default 10 steps that would eat it
+    assert lrs[warmup] == 3e-2 and lrs[warmup:] == sorted(lrs[warmup:], reverse=True) and lrs[-1] < 1e-2
 
 
 def test_dry_run_shows_the_sft_loss_mask(work):

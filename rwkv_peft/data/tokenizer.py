@@ -52,6 +52,7 @@ __all__ = [
     "WorldTokenizer",
     "find_world_vocab",
     "load_tokenizer",
+    "tokenizer_for",
     "parse_world_vocab",
 ]
 
@@ -401,3 +402,27 @@ def check_fits_model(tokenizer: Tokenizer, vocab_rows: int, spec) -> None:
     if tokenizer.vocab_size > vocab_rows:
         raise RWKVPeftError(f"--tokenizer {spec} has {tokenizer.vocab_size} ids but the model's vocabulary has "
                             f"{vocab_rows}; pass the tokenizer the model was trained with")
+
+
+def tokenizer_for(vocab_rows: int, spec: str = "auto"):
+    """The tokenizer for a model whose embedding has vocab_rows rows.
+
+    spec "auto": the demo's tokenizer.json when its size equals vocab_rows (the demo model
+    stores no tokenizer; this is how it is recognised), the World tokenizer for 65536 rows;
+    anything else must be named. "world" or a tokenizer.json path: that one, checked to fit.
+    """
+    from ..assets import DEMO_TOKENIZER
+
+    demo = load_tokenizer(DEMO_TOKENIZER) if spec == "auto" and DEMO_TOKENIZER.exists() else None
+    if spec != "auto":
+        tok = load_tokenizer(spec)
+    elif demo is not None and demo.vocab_size == vocab_rows:
+        tok = demo
+    elif vocab_rows == WORLD_VOCAB_SIZE:
+        tok = load_tokenizer("world")
+    else:
+        raise RWKVPeftError(f"the model has {vocab_rows} vocabulary rows, which fits neither the demo's "
+                            f"tokenizer ({DEMO_TOKENIZER}) nor the World tokenizer ({WORLD_VOCAB_SIZE}); "
+                            "pass --tokenizer FILE.json")
+    check_fits_model(tok, vocab_rows, spec)
+    return tok

@@ -42,11 +42,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..assets import CUDA_DIR
 from .wkv import _check_shapes, _check_state, _check_u
 
 __all__ = ["HEAD_SIZES", "CHUNK_LEN", "load_extension", "cuda_unavailable_reason", "wkv7_cuda", "wkv6_cuda"]
 
-CUDA_DIR = Path(__file__).resolve().parents[2] / "cuda"
 SOURCES = ("wkv_op.cpp", "wkv7.cu", "wkv6.cu")
 # Head sizes with a build (one each, on demand). 64 is every official model's; at 128 the
 # backward kernels keep their 3 x 128 per-thread rows partly in local memory: correct, slow.

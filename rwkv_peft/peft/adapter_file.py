@@ -11,7 +11,10 @@ and metadata "rwkv_peft" = JSON {"layers": {module: {"method", hyperparameters}}
 "parts": [...], "base": {what the base was: sizes, file, fingerprint}}.
 
 Adapter files of the RWKV-PEFT project (.pth) are read too: <module>.disha (2-D = Bone,
-3-D = Bat), <module>.bone, <module>.lora_A/lora_B, an optional "model." key prefix.
+3-D = Bat), <module>.bone, <module>.lora_A/lora_B, an optional "model." key prefix. Their
+lora_A/lora_B files record neither alpha nor whether the run was PiSSA (whose initial
+factors RWKV-PEFT writes to a separate init_pissa.pth as <module>.init_lora_A/init_lora_B):
+the caller must say which, as lora_alpha or pissa_init; nothing is guessed.
 """
 
 from __future__ import annotations
@@ -81,18 +84,23 @@ def save_adapter(path: str | os.PathLike, methods: Mapping[str, PeftMethod],
     atomic_write(path, lambda f: f.write(data))
 
 
-def read_adapter(path: str | os.PathLike, *, lora_alpha: float | None = None) -> Adapter:
+def read_adapter(path: str | os.PathLike, *, lora_alpha: float | None = None,
+                 pissa_init: str | os.PathLike | None = None) -> Adapter:
     """Read one of our .safetensors adapters, or an RWKV-PEFT .pth adapter.
 
-    lora_alpha: RWKV-PEFT files do not record LoRA's alpha; pass the value used in training
-    (default: alpha = r, a scale of 1).
+    For an RWKV-PEFT file with lora_A/lora_B, say what it is: lora_alpha (plain LoRA, the
+    alpha used in training) or pissa_init (a PiSSA run: the init_pissa.pth written beside it).
     """
     path = Path(path)
     if not path.exists():
         raise RWKVPeftError(f"adapter not found: {path}")
     if path.suffix == ".safetensors":
+        for given, flag in ((lora_alpha, "--lora_alpha"), (pissa_init, "--pissa_init")):
+            if given is not None:
+                raise RWKVPeftError(f"{flag} is for RWKV-PEFT .pth adapters; {path} records its own settings, "
+                                    f"drop {flag}")
         return _read_ours(path)
-    return _read_rwkv_peft(path, lora_alpha)
+    return _read_rwkv_peft(path, lora_alpha, pissa_init)
 
 
 def _read_ours(path: Path) -> Adapter:
@@ -130,7 +138,9 @@ def _read_ours(path: Path) -> Adapter:
     return Adapter(layers, tensors, parts, config.get("base"), str(path))
 
 
-def _read_rwkv_peft(path: Path, lora_alpha: float | None) -> Adapter:
+def _read_rwkv_peft(path: Path, lora_alpha: float | None, pissa_init: str | os.PathLike | None) -> Adapter:
+    if lora_alpha is not None and pissa_init is not None:
+        raise RWKVPeftError("give either --lora_alpha (a LoRA run) or --pissa_init (a PiSSA run), not both")
     sd = load_tensor_file(path, what="adapter")
     layers, tensors, parts = {}, {}, {}
     for key, t in sd.items():
@@ -152,17 +162,59 @@ def _read_rwkv_peft(path: Path, lora_alpha: float | None) -> Adapter:
             tensors.setdefault(module, {})[name] = t
         else:
             parts[key] = t
-    for module, ts in tensors.items():
-        if module in layers:
-            continue
-        if set(ts) != {"lora_A", "lora_B"}:
-            raise RWKVPeftError(f"adapter {path}: layer {module} has {sorted(ts)}; LoRA needs lora_A and lora_B")
-        r = ts["lora_A"].shape[0]
-        layers[module] = ("lora", {"r": r, "alpha": float(lora_alpha if lora_alpha is not None else r),
-                                   "dropout": 0.0})
+    lora_modules = [m for m in tensors if m not in layers]
+    for module in lora_modules:
+        if set(tensors[module]) != {"lora_A", "lora_B"}:
+            raise RWKVPeftError(f"adapter {path}: layer {module} has {sorted(tensors[module])}; "
+                                "LoRA needs lora_A and lora_B")
+    if lora_modules and lora_alpha is None and pissa_init is None:
+        raise RWKVPeftError(
+            f"adapter {path} is an RWKV-PEFT LoRA or PiSSA file, which records neither alpha nor which of the two "
+            "it is; pass --lora_alpha A (the alpha it was trained with; RWKV-PEFT's trainer default is 32) or, "
+            "for a PiSSA run, --pissa_init FILE (the init_pissa.pth written beside it)")
+    init = _read_pissa_init(Path(pissa_init), lora_modules) if pissa_init is not None else {}
+    for module in lora_modules:
+        r = tensors[module]["lora_A"].shape[0]
+        if pissa_init is not None:
+            layers[module] = ("pissa", {"r": r, "svd_niter": None, "dropout": 0.0})
+            tensors[module] |= init[module]
+        else:
+            layers[module] = ("lora", {"r": r, "alpha": float(lora_alpha), "dropout": 0.0})
+    if pissa_init is not None and not lora_modules:
+        raise RWKVPeftError(f"--pissa_init {pissa_init} given, but adapter {path} has no lora_A/lora_B layers")
     if not layers and not parts:
         raise RWKVPeftError(f"adapter {path} holds no adapter tensors")
     return Adapter(layers, tensors, parts, None, str(path))
+
+
+def _read_pissa_init(path: Path, modules: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """RWKV-PEFT's init_pissa.pth: [model.]<module>.init_lora_A / init_lora_B for every PiSSA layer."""
+    sd = {k.removeprefix("model."): v for k, v in load_tensor_file(path, what="--pissa_init file").items()}
+    init = {}
+    for module in modules:
+        pair = {}
+        for theirs, ours in (("init_lora_A", "init_A"), ("init_lora_B", "init_B")):
+            key = f"{module}.{theirs}"
+            if not isinstance(sd.get(key), torch.Tensor):
+                raise RWKVPeftError(f"--pissa_init {path}: missing tensor '{key}'; is it the init_pissa.pth "
+                                    "of this adapter's run?")
+            pair[ours] = sd[key]
+        init[module] = pair
+    extra = sorted(k for k in sd if k.rpartition(".")[0] not in init)
+    if extra:
+        raise RWKVPeftError(f"--pissa_init {path}: '{extra[0]}' belongs to no layer of the adapter; "
+                            "is it the init_pissa.pth of this adapter's run?")
+    return init
+
+
+def add_foreign_adapter_flags(parser) -> None:
+    """The flags that say what an RWKV-PEFT lora_A/lora_B .pth adapter is (it does not record it)."""
+    parser.add_argument("--lora_alpha", type=float,
+                        help="an RWKV-PEFT LoRA .pth adapter: the alpha it was trained with (the file does not "
+                             "record it; RWKV-PEFT's trainer default is 32)")
+    parser.add_argument("--pissa_init", metavar="FILE",
+                        help="an RWKV-PEFT PiSSA .pth adapter: the init_pissa.pth its run wrote (merged = "
+                             "W + B A - B0 A0)")
 
 
 def recorded_base(adapter: Adapter, name: str | os.PathLike, fix: str, what: str = "base checkpoint") -> str:

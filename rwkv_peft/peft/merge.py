@@ -59,18 +59,22 @@ def check_merge(base_sd, adapter: Adapter, merged_sd, dtype: torch.dtype) -> str
     tokens = probe_tokens(base_sd["emb.weight"].shape[0])
     diff, scale = verify_merge(base_sd, adapter, merged_sd, tokens)
     rel, tol = diff / max(scale, 1e-12), TOLERANCE.get(dtype, 5e-2)
-    line = (f"verify: max |logit difference| merged vs base+adapter = {diff:.3g} "
-            f"({rel:.2g} of max |logit| {scale:.3g}; tolerance {tol:g} for {str(dtype).removeprefix('torch.')})")
+    figures = (f"logits differ by {rel:.2g} of their scale, tolerance {tol:g} for "
+               f"{str(dtype).removeprefix('torch.')} (max |difference| {diff:.3g}, max |logit| {scale:.3g})")
     if not rel <= tol:
-        raise RWKVPeftError(line + " -- refusing to write the merged file")
-    return line
+        raise RWKVPeftError(f"verify FAILED: the merged model does not match base+adapter: {figures}; "
+                            "refusing to write the merged file")
+    return f"verify: OK, the merged model matches base+adapter: {figures}"
 
 
 def newest_adapter(root: str = "out") -> str:
-    """The most recently written adapter file under root (what a bare `merge.py` merges)."""
+    """The most recently written adapter file under root (what a bare `merge.py` merges);
+    checkpoints saved as .safetensors (model.safetensors, merged.safetensors) are not adapters."""
     from pathlib import Path
 
-    found = sorted(Path(root).rglob("*.safetensors"), key=lambda p: p.stat().st_mtime)
+    found = [p for p in Path(root).rglob("*.safetensors")
+             if p.name.startswith("adapter") or p.parent.name == "adapters"]
+    found.sort(key=lambda p: p.stat().st_mtime)
     if not found:
         raise RWKVPeftError(f"no adapter (*.safetensors) found under {root}/; train one first, "
                             "or pass --adapter FILE")
@@ -78,20 +82,21 @@ def newest_adapter(root: str = "out") -> str:
 
 
 def merge_files(base: str | None, adapter_path: str, output: str | None, *, verify: bool = True,
-                lora_alpha: float | None = None, log=print) -> str:
+                lora_alpha: float | None = None, pissa_init: str | None = None, log=print) -> str:
     """Merge adapter_path into base and write output atomically; returns the output path.
 
     base None: the base recorded in the adapter. output None: merged.pth beside the adapter.
     """
     from pathlib import Path
 
-    from ..io import check_writable_dir, load_tensor_file, save_tensor_file_atomic
+    from ..io import check_checkpoint_suffix, check_writable_dir, load_tensor_file, save_checkpoint_file
     from .adapter_file import check_base, read_adapter, recorded_base
 
-    adapter = read_adapter(adapter_path, lora_alpha=lora_alpha)
+    output = output or str(Path(adapter_path).with_name("merged.pth"))
+    check_checkpoint_suffix(output, "--output")
+    adapter = read_adapter(adapter_path, lora_alpha=lora_alpha, pissa_init=pissa_init)
     if base is None:
         base = recorded_base(adapter, adapter_path, "pass --base FILE")
-    output = output or str(Path(adapter_path).with_name("merged.pth"))
     for given, flag in ((base, "--base"), (adapter_path, "--adapter")):
         if Path(output).resolve() == Path(given).resolve():
             raise RWKVPeftError(f"--output {output} is the same file as {flag}; choose another output path")
@@ -104,6 +109,6 @@ def merge_files(base: str | None, adapter_path: str, output: str | None, *, veri
     merged = merge_adapter(base_sd, adapter, progress=True)
     if verify:
         log(check_merge(base_sd, adapter, merged, base_sd["emb.weight"].dtype))
-    save_tensor_file_atomic(merged, output)
+    save_checkpoint_file(merged, output, "--output")
     log(f"wrote {output}")
     return output

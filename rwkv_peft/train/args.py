@@ -22,13 +22,14 @@ def opt(default, help, group="training", **kw):
 @dataclass
 class TrainArgs:
     # model
-    load_model: str | None = opt(None, "official RWKV-6/7 .pth to fine-tune (default: the embedded demo base "
+    load_model: str | None = opt(None, "official RWKV-6/7 checkpoint (.pth or .safetensors) to fine-tune "
+                                       "(default: the embedded demo base "
                                        "when no --data_file is given; omit with --n_layer/--n_embd to train from scratch)",
                                  "model")
     n_layer: int = opt(0, "layers of a new RWKV-7 trained from scratch (with --n_embd)", "model")
     n_embd: int = opt(0, "width of a new RWKV-7 trained from scratch", "model")
     head_size: int = opt(64, "head size of a new model", "model")
-    vocab_size: int = opt(0, "vocabulary of a new model (default: the tokenizer's)", "model")
+    vocab_size: int | None = opt(None, "vocabulary of a new model (default: the tokenizer's)", "model")
     # data
     data_file: str | None = opt(None, "training data: .jsonl (text or chat/SFT), .txt, or a binidx prefix "
                                       "(default: the embedded demo data set)", "data")
@@ -38,11 +39,15 @@ class TrainArgs:
                                        "data", nargs=2)
     data_mode: str = opt("pack", "pack short samples into full windows, or pad each to ctx_len", "data",
                          choices=("pack", "pad"))
-    tokenizer: str = opt("world", "'world' or a Hugging Face tokenizer.json", "data")
+    tokenizer: str = opt("auto", "'world', a Hugging Face tokenizer.json, or auto: the demo's tokenizer.json for a "
+                                 "model of its vocabulary size, the World tokenizer for 65536 (and for new models)",
+                         "data")
     ctx_len: int = opt(512, "tokens per sample", "data")
     # PEFT
-    peft: str = opt("bone", "default method for the default target layers: lora, pissa, bone, bat, or none "
-                            "(full fine-tuning)", "peft", choices=("lora", "pissa", "bone", "bat", "none"))
+    peft: str | None = opt(None, "method for the default target layers: lora, pissa, bone, bat, or full (every "
+                                 "weight; 'none' is the same when no --peft_rules/--train_parts are given) "
+                                 "(default: bone when fine-tuning, full when training from scratch)", "peft",
+                           choices=("lora", "pissa", "bone", "bat", "full", "none"))
     lora_r: int = opt(32, "LoRA rank", "peft")
     lora_alpha: float = opt(32.0, "LoRA alpha (scale = alpha / r)", "peft")
     lora_dropout: float = opt(0.0, "LoRA dropout", "peft")
@@ -60,7 +65,8 @@ class TrainArgs:
     accumulate_grad_batches: int = opt(1, "micro batches per optimizer step")
     lr_init: float | None = opt(None, f"peak learning rate (default {LR_INIT:g}; the embedded demo: 1e-3)")
     lr_final: float = opt(1e-5, "learning rate at the end of the schedule")
-    warmup_steps: int = opt(10, "linear warm-up steps")
+    warmup_steps: int | None = opt(None, "linear warm-up steps (default: 10, or a tenth of a run shorter than "
+                                         "100 steps)")
     lr_schedule: str = opt("cos", "cos, wsd (warm-up, stable, decay over the last 20%%), or const",
                            choices=("cos", "wsd", "const"))
     weight_decay: float = opt(0.0, "AdamW weight decay (matrices only)")
@@ -83,6 +89,9 @@ class TrainArgs:
     save_every: int = opt(0, "save an adapter and a resumable checkpoint every N steps (0: only at the end)",
                           "output")
     keep_last: int = opt(2, "resumable checkpoints to keep", "output")
+    model_format: str = opt("pth", "file format of a fully trained model (--peft full or from scratch): pth "
+                                   "(model.pth, what official runtimes load) or safetensors (model.safetensors)",
+                            "output", choices=("pth", "safetensors"))
     resume: str | None = opt(None, "continue a run: 'latest' (or no value) or a checkpoint directory", "output",
                              nargs="?", const="latest")
     stop_at_step: int = opt(0, "save a checkpoint and stop at this step, keeping the schedule of --max_steps "
@@ -95,7 +104,7 @@ class TrainArgs:
 GROUPS = ("model", "data", "peft", "training", "output")
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """Keep the description's line breaks; show every option's default, except None: those
     options say in their help what happens when they are left out."""
 
@@ -106,7 +115,7 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
 
 
 def build_parser(prog: str = "train.py", description: str | None = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=_HelpFormatter)
+    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
     groups = {g: p.add_argument_group(g) for g in GROUPS}
     for f in fields(TrainArgs):
         meta = dict(f.metadata)
@@ -119,12 +128,15 @@ def build_parser(prog: str = "train.py", description: str | None = None) -> argp
         elif f.name == "train_parts":
             kw["default"] = []
         groups[group].add_argument(f"--{f.name}", **kw)
+    # the deepspeed launcher passes --local_rank=N; LOCAL_RANK in the environment says the same
+    p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
     return p
 
 
-def parse_args(argv=None, description: str | None = None) -> TrainArgs:
-    ns = build_parser(description=description).parse_args(argv)
-    args = TrainArgs(**vars(ns))
+def parse_args(argv=None, prog: str = "train.py", description: str | None = None) -> TrainArgs:
+    ns = vars(build_parser(prog, description).parse_args(argv))
+    ns.pop("local_rank")
+    args = TrainArgs(**ns)
     check_args(args)
     return args
 
@@ -135,8 +147,9 @@ def check_args(args: TrainArgs) -> None:
     for name in positive:
         if getattr(args, name) <= 0:
             raise RWKVPeftError(f"--{name} must be positive, got {getattr(args, name)}")
-    for name in ("max_steps", "stop_at_step", "skip_nonfinite", "save_every", "warmup_steps", "weight_decay", "grad_clip", "lr_final"):
-        if getattr(args, name) < 0:
+    for name in ("max_steps", "stop_at_step", "skip_nonfinite", "save_every", "warmup_steps", "weight_decay",
+                 "grad_clip", "lr_final", "vocab_size"):
+        if (getattr(args, name) or 0) < 0:
             raise RWKVPeftError(f"--{name} must not be negative, got {getattr(args, name)}")
     if args.lr_init is not None and args.lr_init <= 0:
         raise RWKVPeftError(f"--lr_init must be positive, got {args.lr_init}")

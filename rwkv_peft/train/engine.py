@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import warnings
 from pathlib import Path
 
 import torch
@@ -27,6 +28,15 @@ def set_launcher_env() -> None:
         with socket.socket() as s:  # a free port, so two runs on one machine do not collide
             s.bind(("127.0.0.1", 0))
             os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+
+
+def quiet_known_notices() -> None:
+    """Hide what says nothing to act on (shown again with --debug): DeepSpeed's notice that it
+    chose its CPU accelerator, and a deprecation warning from inside DeepSpeed's all-gather."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # named, so not announced as a fallback
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.all_gather_into_tensor.* is deprecated",
+                            category=FutureWarning)
 
 
 def device_for_rank() -> torch.device:

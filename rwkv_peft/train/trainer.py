@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..data.tokenizer import check_fits_model, load_tokenizer
+from ..assets import DEMO_BASE, DEMO_DATA
+from ..data.tokenizer import check_fits_model, load_tokenizer, tokenizer_for
 from ..errors import RWKVPeftError
-from ..io import atomic_write, check_writable_dir, save_tensor_file_atomic
+from ..io import atomic_write, check_writable_dir, save_checkpoint_file
 from ..model import RWKVConfig, create_model, load_model
 from ..model.wkv import set_op as set_wkv_op
 from ..peft.adapt import parse_rules, plan_adapters, prepare_peft, trainable_summary
@@ -28,15 +29,13 @@ from ..peft.adapter_file import describe_base, save_adapter
 from .args import LR_INIT, TrainArgs
 from .checkpoint import find_checkpoint, load_checkpoint, newest_run, save_checkpoint
 from .engine import (deepspeed_config, device_for_rank, import_deepspeed, make_optimizer, optimizer_offloaded,
-                     set_launcher_env, weights_only_load)
+                     quiet_known_notices, set_launcher_env, weights_only_load)
+from .interrupt import StopRequest, survive_lost_output
 from .loss import masked_loss
 from .schedule import learning_rate
 
-REPO = Path(__file__).resolve().parents[2]
-DEMO_BASE = REPO / "demo" / "base.pth"
-DEMO_DATA = REPO / "demo" / "data" / "train.jsonl"
-DEMO_TOKENIZER = REPO / "demo" / "tokenizer.json"
 DEMO_LR = 1e-3
+SHORT_RUN_STEPS = 50  # fewer optimizer steps than this: say so, and how to train more
 
 
 def _defaults(args: TrainArgs) -> None:
@@ -49,8 +48,8 @@ def _defaults(args: TrainArgs) -> None:
             args.lr_init = DEMO_LR  # the tiny demo model learns its facts far better at 1e-3
         if args.load_model is None and not args.n_layer:
             args.load_model = str(DEMO_BASE)
-            if args.tokenizer == "world" and DEMO_TOKENIZER.exists():
-                args.tokenizer = str(DEMO_TOKENIZER)
+    if args.peft is None:  # a new model is trained whole: an adapter on random weights teaches nothing useful
+        args.peft = "full" if args.n_layer else "bone"
     if args.lr_init is None:
         args.lr_init = LR_INIT
     if args.precision == "auto":
@@ -67,16 +66,26 @@ def _proj_dir(args: TrainArgs) -> Path:
     return Path("out") / time.strftime("run-%Y%m%d-%H%M%S")
 
 
-def _build_model(args: TrainArgs, tokenizer, dtype):
+def _model_and_tokenizer(args: TrainArgs, dtype):
+    """The model to train and its tokenizer: --tokenizer auto chooses as chat and eval do for
+    a checkpoint, and the World tokenizer for a new model."""
     if args.load_model:
-        return load_model(args.load_model, dtype=dtype)
+        model = load_model(args.load_model, dtype=dtype)
+        return model, tokenizer_for(model.config.vocab_size, args.tokenizer)
+    tokenizer = load_tokenizer("world" if args.tokenizer == "auto" else args.tokenizer)
+    model = _new_model(args, args.vocab_size or tokenizer.vocab_size, dtype)
+    check_fits_model(tokenizer, model.config.vocab_size, args.tokenizer)
+    return model, tokenizer
+
+
+def _new_model(args: TrainArgs, vocab_size: int, dtype):
     C = args.n_embd
 
     def lora_dim(scale, power=0.5):  # the official x070 sizes of the low-rank mixers
         return max(32, int(round(scale * C ** power / 32)) * 32)
 
     config = RWKVConfig(version=7, n_layer=args.n_layer, n_embd=C, head_size=args.head_size,
-                        vocab_size=args.vocab_size or tokenizer.vocab_size, dim_ffn=4 * C,
+                        vocab_size=vocab_size, dim_ffn=4 * C,
                         d_decay=lora_dim(1.8), d_aaa=lora_dim(1.8), d_mv=lora_dim(1.3), d_gate=lora_dim(0.6, 0.8))
     return create_model(config, seed=args.random_seed, dtype=dtype)
 
@@ -84,6 +93,7 @@ def _build_model(args: TrainArgs, tokenizer, dtype):
 def _default_method(args: TrainArgs):
     return {
         "none": None,
+        "full": None,
         "lora": ("lora", {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout}),
         "pissa": ("pissa", {"r": args.pissa_r, "svd_niter": args.svd_niter or None, "dropout": args.lora_dropout}),
         "bone": ("bone", {"r": args.bone_r}),
@@ -121,33 +131,6 @@ def _check_writable(proj_dir: Path) -> None:
                        "writable directory); choose another --proj_dir", nearest_existing=True)
 
 
-class StopRequest:
-    """The first Ctrl-C (or SIGTERM) asks the loop to save and stop at the next step boundary;
-    a second one interrupts at once. Saving mid-step could store half-updated weights."""
-
-    def __init__(self):
-        self.requested = False
-
-    def _handler(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nstopping after this step (press Ctrl-C again to abort without saving)", flush=True)
-
-    def __enter__(self):
-        import signal
-
-        self._old = {sig: signal.signal(sig, self._handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc):
-        import signal
-
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-        return False
-
-
 def _peak_memory_mb(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -158,22 +141,26 @@ def train(args: TrainArgs) -> dict:
     """Run training as described by args; returns the summary. Call from every rank."""
     _defaults(args)
     set_launcher_env()
-    # every input is checked before DeepSpeed starts: errors come at once and leave nothing
-    run = _prepare(args, main=int(os.environ["RANK"]) == 0, world=int(os.environ["WORLD_SIZE"]))
-    deepspeed = import_deepspeed()
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
-    try:
-        return _train(args, run, deepspeed)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()  # ranks that exit without this sometimes abort
+    if not args.debug:
+        quiet_known_notices()
+    with survive_lost_output():
+        # every input is checked before DeepSpeed starts: errors come at once and leave nothing
+        run = _prepare(args, main=int(os.environ["RANK"]) == 0, world=int(os.environ["WORLD_SIZE"]))
+        deepspeed = import_deepspeed()
+        if not dist.is_initialized():
+            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+        try:
+            return _train(args, run, deepspeed)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()  # ranks that exit without this sometimes abort
 
 
 def _prepare(args: TrainArgs, main: bool, world: int) -> dict:
     """Output directory, DeepSpeed config, tokenizer, model and adapters: no process group needed."""
     log = print if main else (lambda *a, **k: None)
     proj_dir = _proj_dir(args)
+    args.proj_dir = str(proj_dir)  # what args.json records
     resume_from = find_checkpoint(proj_dir, args.resume) if args.resume else None
     if not args.dry_run:
         _check_writable(proj_dir)
@@ -185,19 +172,21 @@ def _prepare(args: TrainArgs, main: bool, world: int) -> dict:
         raise RWKVPeftError("--precision fp16 needs a CUDA GPU (DeepSpeed has no fp16 on CPUs); "
                             "use --precision bf16 or fp32 here")
 
-    tokenizer = load_tokenizer(args.tokenizer)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
-    model = _build_model(args, tokenizer, dtype)
-    check_fits_model(tokenizer, model.config.vocab_size, args.tokenizer)
+    model, tokenizer = _model_and_tokenizer(args, dtype)
     base_sd = {k: v for k, v in model.state_dict().items()}  # before adapters: what merges start from
     rules = parse_rules(args.peft_rules)
-    full = args.peft == "none" and not rules
+    if args.peft == "full" and rules:
+        raise RWKVPeftError("--peft full trains every weight, so --peft_rules cannot apply; drop one of them")
+    full = args.peft == "full" or (args.peft == "none" and not rules and not args.train_parts)
+    # adapters on a new model: its random base is saved beside the run, for merge and chat
+    base_path = args.load_model or proj_dir / f"base.{args.model_format}"
     if full:
         methods, parts = {}, dict(model.named_parameters())
         for p in model.parameters():
             p.requires_grad_(True)
         n = sum(p.numel() for p in model.parameters())
-        log(f"trainable {n:,} of {n:,} parameters (100%): full fine-tuning (--peft none)")
+        log(f"trainable {n:,} of {n:,} parameters (100%): full training (--peft {args.peft})")
     else:
         plan = plan_adapters(model, rules, _default_method(args))
         if not plan and not args.train_parts:
@@ -207,8 +196,9 @@ def _prepare(args: TrainArgs, main: bool, world: int) -> dict:
         methods, parts = prepare_peft(model, plan, args.train_parts, init=resume_from is None)
         log(trainable_summary(model, methods, parts))
     return {"proj_dir": proj_dir, "resume_from": resume_from, "config": config, "tokenizer": tokenizer,
-            "model": model, "base_sd": base_sd, "base_info": describe_base(base_sd, model.config, args.load_model),
-            "full": full, "methods": methods, "parts": parts}
+            "model": model, "base_sd": base_sd, "base_path": base_path,
+            "base_info": describe_base(base_sd, model.config, base_path), "full": full, "methods": methods,
+            "parts": parts}
 
 
 def _train(args: TrainArgs, run: dict, deepspeed) -> dict:
@@ -219,7 +209,7 @@ def _train(args: TrainArgs, run: dict, deepspeed) -> dict:
     log = print if main else (lambda *a, **k: None)
     device = device_for_rank()
     proj_dir, resume_from, config, tokenizer = run["proj_dir"], run["resume_from"], run["config"], run["tokenizer"]
-    model, base_sd, base_info = run["model"], run["base_sd"], run["base_info"]
+    model, base_sd, base_path, base_info = run["model"], run["base_sd"], run["base_path"], run["base_info"]
     full, methods, parts = run["full"], run["methods"], run["parts"]
 
     def load_data():
@@ -239,6 +229,9 @@ def _train(args: TrainArgs, run: dict, deepspeed) -> dict:
 
     if main:  # created only now, so that a run that fails on its inputs leaves nothing behind
         proj_dir.mkdir(parents=True, exist_ok=True)
+        if not full and not args.load_model and not Path(base_path).exists():
+            save_checkpoint_file(base_sd, base_path)
+            log(f"saved the new model's initial weights to {base_path}: the base the adapter merges into")
     model.grad_checkpointing = bool(args.grad_cp)
     model.to(device)
     if device.type == "cpu":
@@ -247,17 +240,25 @@ def _train(args: TrainArgs, run: dict, deepspeed) -> dict:
         set_threads(model)  # one thread for small models: splitting tiny ops costs far more than it gains
     global_batch = args.micro_bsz * args.accumulate_grad_batches * world
     total_steps = args.max_steps or max(1, math.ceil(args.epochs * len(data) / global_batch))
+    warmup = args.warmup_steps if args.warmup_steps is not None else min(10, total_steps // 10)
+    if not args.max_steps and total_steps < SHORT_RUN_STEPS:
+        log(f"note: {args.epochs:g} epoch(s) of {len(data)} samples of {args.ctx_len} tokens make only {total_steps} "
+            f"optimizer steps; for more training pass --epochs N or --max_steps N")
     optimizer = make_optimizer(_param_groups(model, args), args, device, optimizer_offloaded(config))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     engine.checkpoint_engine.load = weights_only_load
 
-    step = 0
+    step, earlier_s, segment = 0, 0.0, 1
     if resume_from is not None:
         state = load_checkpoint(engine, resume_from)
-        step = state["step"]
+        step, earlier_s, segment = state["step"], state.get("elapsed_s", 0.0), state.get("segment", 1) + 1
         if state.get("global_batch") != global_batch:
             raise RWKVPeftError(f"--resume: the checkpoint was trained with a global batch of "
                                 f"{state.get('global_batch')} samples, this run has {global_batch}")
+        if step >= total_steps:
+            log(f"the run in {proj_dir} is already complete ({step} of {total_steps} steps); nothing was changed. "
+                "To train more, start a new run (or resume with a larger --max_steps)")
+            return {"steps": step, "complete": True, "proj_dir": str(proj_dir)}
         with torch.no_grad():  # PiSSA keeps W - B0 A0 frozen; B0, A0 came back with the checkpoint
             for name, method in methods.items():
                 if method.name != "pissa":
@@ -278,14 +279,16 @@ def _train(args: TrainArgs, run: dict, deepspeed) -> dict:
         trainable = {n: p for n, p in engine.module.named_parameters() if p.requires_grad}
         if main:
             if full:
-                target = proj_dir / "model.pth"
-                save_tensor_file_atomic({k: v.detach().cpu() for k, v in engine.module.state_dict().items()}, target)
+                target = proj_dir / f"model.{args.model_format}"
+                save_checkpoint_file({k: v.detach().cpu() for k, v in engine.module.state_dict().items()}, target)
             else:
                 (proj_dir / "adapters").mkdir(exist_ok=True)
                 target = proj_dir / ("adapter.safetensors" if final else f"adapters/step-{step:08d}.safetensors")
                 save_adapter(target, methods, {k: trainable[k] for k in parts}, base_info)
         save_checkpoint(engine, proj_dir, step, {"step": step, "global_batch": global_batch,
-                                                 "samples": step * global_batch}, args.keep_last)
+                                                 "samples": step * global_batch, "segment": segment,
+                                                 "elapsed_s": earlier_s + time.perf_counter() - start},
+                        args.keep_last)
 
     tokens_per_step = global_batch * args.ctx_len
     log(f"\ntraining {total_steps} steps of {global_batch} x {args.ctx_len} tokens on {world} "
@@ -295,13 +298,13 @@ def _train(args: TrainArgs, run: dict, deepspeed) -> dict:
 
     bar = tqdm(total=total_steps, initial=step, disable=not main, unit="step", dynamic_ncols=True)
     start, first_step, losses, skipped = time.perf_counter(), step, [], 0
-    stop = StopRequest()
+    stop = StopRequest(announce=main)
     trainable = [p for p in engine.module.parameters() if p.requires_grad]
     engine.train()
     with stop:
         while step < total_steps:
             lr = learning_rate(step, total_steps, lr_init=args.lr_init, lr_final=args.lr_final,
-                               warmup=args.warmup_steps, schedule=args.lr_schedule)
+                               warmup=warmup, schedule=args.lr_schedule)
             step_loss, bad = torch.zeros((), device=device), 0
             for micro in range(args.accumulate_grad_batches):
                 first = ((step * args.accumulate_grad_batches + micro) * world + rank) * args.micro_bsz
@@ -351,7 +354,7 @@ def _train(args: TrainArgs, run: dict, deepspeed) -> dict:
             tps = tokens_per_step * (step - first_step) / max(elapsed, 1e-9)
             if main:
                 record = {"step": step, "loss": round(step_loss, 6), "lr": lr, "tokens": step * tokens_per_step,
-                          "tokens_per_s": round(tps, 1), "elapsed_s": round(elapsed, 3)}
+                          "tokens_per_s": round(tps, 1), "elapsed_s": round(earlier_s + elapsed, 3)}
                 if bad:
                     record["skipped_micro_batches"] = bad
                 with open(metrics_path, "a") as f:
@@ -371,9 +374,10 @@ def _train(args: TrainArgs, run: dict, deepspeed) -> dict:
     bar.close()
     save(step, final=True)
 
-    elapsed = time.perf_counter() - start
+    # the whole run, over every resumed segment
+    elapsed = earlier_s + time.perf_counter() - start
     summary = {"steps": step, "tokens_seen": step * tokens_per_step, "time_s": round(elapsed, 2),
-               "tokens_per_s": round(tokens_per_step * (step - first_step) / max(elapsed, 1e-9), 1),
+               "tokens_per_s": round(tokens_per_step * step / max(elapsed, 1e-9), 1), "segments": segment,
                "peak_memory_mb": round(_peak_memory_mb(device), 1),
                "final_loss": losses[-1] if losses else None, "skipped_micro_batches": skipped,
                "proj_dir": str(proj_dir)}
@@ -381,7 +385,7 @@ def _train(args: TrainArgs, run: dict, deepspeed) -> dict:
         atomic_write(proj_dir / "summary.json", lambda f: f.write(json.dumps(summary, indent=1).encode()))
         _plot_losses(metrics_path, proj_dir / "loss.png")
         log("\n" + "  ".join(f"{k}: {v}" for k, v in summary.items()))
-        out = proj_dir / ("model.pth" if full else "adapter.safetensors")
+        out = proj_dir / (f"model.{args.model_format}" if full else "adapter.safetensors")
         log(f"wrote {out}")
         log(f"next: python -m rwkv_peft.run --model {out}" if full else f"next: python merge.py --adapter {out}")
     return summary

@@ -1,0 +1,22 @@
+"""Where the files that ship beside the code are: the embedded demo and the CUDA sources.
+
+In a source checkout they are the repository's top-level demo/ and cuda/ folders; an
+installed package (`pip install .`) carries them inside rwkv_peft/ as package data.
+"""
+
+from pathlib import Path
+
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def _shipped(name: str) -> Path:
+    inside = _PACKAGE / name
+    return inside if inside.is_dir() else _PACKAGE.parent / name
+
+
+DEMO_DIR = _shipped("demo")
+CUDA_DIR = _shipped("cuda")
+DEMO_BASE = DEMO_DIR / "base.pth"
+DEMO_TOKENIZER = DEMO_DIR / "tokenizer.json"
+DEMO_DATA = DEMO_DIR / "data" / "train.jsonl"
+DEMO_HELDOUT = DEMO_DIR / "data" / "heldout.jsonl"

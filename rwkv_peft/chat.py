@@ -1,0 +1,233 @@
+"""Chat with an RWKV-7/RWKV-6 model in the World chat format, streaming each reply.
+
+    python demo/chat.py                                   # the newest out/**/merged.pth
+    python demo/chat.py --model out/run-.../merged.pth    # a plain checkpoint
+    python demo/chat.py --model demo/base.pth --adapter out/run-.../adapter.safetensors
+    python demo/chat.py --prompt "What is the capital of Varnholm?" --temperature 0
+
+In the chat: /reset starts the conversation again, /quit (or Ctrl-D) ends it, Ctrl-C stops
+a reply. The conversation is carried in the model's recurrent state, turn by turn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .assets import DEMO_BASE
+from .peft.adapter_file import add_foreign_adapter_flags
+
+
+def parse_args(argv=None, prog=None):
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="RWKV checkpoint, .pth or .safetensors (default: the newest merged checkpoint "
+                                   "under out/, else the base an --adapter was trained on, else the demo base)")
+    p.add_argument("--adapter", help="adapter file to run unmerged on top of --model")
+    add_foreign_adapter_flags(p)
+    p.add_argument("--tokenizer", default="auto",
+                   help="'world', a tokenizer.json, or auto (default): demo/tokenizer.json when the model's "
+                        "vocabulary has its size, the World tokenizer for 65536")
+    p.add_argument("--system", help="a system message put before the conversation")
+    p.add_argument("--prompt", action="append",
+                   help="do not chat: print the reply to this message and exit (repeat it for several turns)")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--temperature", type=float, default=0.5, help="0 = greedy (default 0.5)")
+    g.add_argument("--top_p", type=float, default=0.5, help="nucleus size, applied before temperature "
+                                                             "(0 = greedy; default 0.5)")
+    g.add_argument("--top_k", type=int, default=0, help="keep only the k most likely tokens (0 = off)")
+    g.add_argument("--presence_penalty", type=float, default=0.3,
+                   help="subtracted from the logit of every token already in the reply (default 0.3)")
+    g.add_argument("--frequency_penalty", type=float, default=0.3,
+                   help="subtracted once more per earlier occurrence (default 0.3)")
+    g.add_argument("--penalty_decay", type=float, default=0.996, help="occurrence counts decay by this per token")
+    g.add_argument("--max_tokens", type=int, default=200, help="longest reply in tokens (default 200)")
+    g.add_argument("--seed", type=int, help="random seed, for replies that repeat (default: random)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
+                   help="compute dtype (default: fp32 on CPU, bf16 on GPU)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: 1 for models under 20M parameters, "
+                                               "else torch's default)")
+    p.add_argument("--debug", action="store_true", help="show Python tracebacks")
+    args = p.parse_args(argv)
+    if args.max_tokens < 1:
+        p.error("--max_tokens must be at least 1")
+    if args.top_k < 0:
+        p.error("--top_k must be 0 or more")
+    if not 0.0 <= args.top_p <= 1.0:
+        p.error("--top_p must be between 0 and 1")
+    if args.temperature < 0:
+        p.error("--temperature must be 0 or more")
+    return args
+
+
+def newest_merged(root: Path = Path("out")) -> Path | None:
+    found = [q for name in ("merged.pth", "merged.safetensors") for q in root.rglob(name)] if root.is_dir() else []
+    return max(found, key=lambda q: q.stat().st_mtime) if found else None
+
+
+def choose_model(args, note) -> tuple[str, object]:
+    """(checkpoint path, adapter or None) from the flags and what is on disk."""
+    from .errors import RWKVPeftError
+    from .peft.adapter_file import read_adapter, recorded_base
+
+    adapter = (read_adapter(args.adapter, lora_alpha=args.lora_alpha, pissa_init=args.pissa_init)
+               if args.adapter else None)
+    if args.model:
+        return args.model, adapter
+    if adapter is not None:
+        return recorded_base(adapter, args.adapter, "pass --model BASE.pth"), adapter
+    merged = newest_merged()
+    if merged is not None:
+        return str(merged), None
+    if DEMO_BASE.exists():
+        note(f"no merged checkpoint under out/ yet: chatting with the demo base {DEMO_BASE}, "
+             "which has not been fine-tuned (python train.py; python merge.py)")
+        return str(DEMO_BASE), None
+    raise RWKVPeftError("no --model given and no merged checkpoint under out/; pass --model FILE")
+
+
+class Chat:
+    """One conversation: the rendered turns live only in the recurrent state."""
+
+    def __init__(self, model, tokenizer, sampling, args, generator):
+        from .data.datasets import CHAT_ASSISTANT, chat_segments
+        from .generate import prefill
+
+        self.model, self.tokenizer, self.sampling, self.args, self.generator = (
+            model, tokenizer, sampling, args, generator)
+        self._assistant, self._segments = CHAT_ASSISTANT, chat_segments
+        self.initial_state = None
+        if args.system:
+            system = "".join(t for t, _ in chat_segments([{"role": "system", "content": args.system}]))
+            _, self.initial_state = prefill(model, tokenizer.encode(system))
+        self.reset()
+
+    def reset(self):
+        self.state = None if self.initial_state is None else self.initial_state.clone()
+        self.need_separator = False  # the last reply did not end in "\n\n"
+
+    def reply(self, message: str):
+        """Stream the reply to message (yields text); afterwards self.last is the GenerationResult."""
+        from .generate import generate
+
+        text = "".join(t for t, _ in self._segments([{"role": "user", "content": message}])) + self._assistant
+        if self.need_separator:
+            text = "\n\n" + text
+        gen = generate(self.model, self.tokenizer, self.tokenizer.encode(text), self.state,
+                       max_tokens=self.args.max_tokens, stop=("\n\n",), sampling=self.sampling,
+                       generator=self.generator)
+        self.last = None
+        yield from gen  # a KeyboardInterrupt here leaves the state as it was before this turn
+        self.last = gen.result
+        self.state = gen.result.state
+        self.need_separator = gen.result.stop_reason != "stop"
+
+
+def stats_line(result) -> str:
+    return (f"[{len(result.tokens)} tokens in {result.decode_s:.2f} s, {result.tokens_per_s:.1f} tokens/s; "
+            f"prompt {result.prompt_tokens} tokens in {result.prefill_s:.2f} s]")
+
+
+def run(args) -> int:
+    import torch
+
+    from .data.tokenizer import tokenizer_for
+    from .generate import Sampling, set_threads
+    from .model import load_model
+
+    interactive = not args.prompt
+    err = sys.stderr
+
+    def note(msg):
+        print(msg, file=err)
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype_name = args.dtype or ("fp32" if device == "cpu" else "bf16")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+    path, adapter = choose_model(args, note)
+    start = time.perf_counter()
+    model = load_model(path, adapter=adapter, dtype=dtype, device=device).eval()
+    threads = set_threads(model, args.threads)
+    cfg = model.config
+    tokenizer = tokenizer_for(model.emb.weight.shape[0], args.tokenizer)
+    generator = torch.Generator()
+    if args.seed is not None:
+        generator.manual_seed(args.seed)
+    else:
+        generator.seed()
+    sampling = Sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                        penalty_decay=args.penalty_decay)
+    chat = Chat(model, tokenizer, sampling, args, generator)
+    what = f"{path}" + (f" + adapter {args.adapter}" if args.adapter else "")
+    n_params = sum(p.numel() for p in model.parameters())
+    where = f"{device} {dtype_name}" + (f", {threads} CPU thread(s)" if device == "cpu" else "")
+    note(f"{what}: RWKV-{cfg.version}, {cfg.n_layer} layers x {cfg.n_embd}, vocab {cfg.vocab_size}, "
+         f"{n_params / 1e6:.1f}M parameters, {where}; loaded in {time.perf_counter() - start:.1f} s")
+
+    if not interactive:
+        for message in args.prompt:
+            first = True
+            for piece in chat.reply(message):
+                if first:
+                    piece, first = piece.lstrip(), False
+                print(piece, end="", flush=True)
+            print(flush=True)
+            note(stats_line(chat.last))
+        return 0
+
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    note("type a message; /reset starts again, /quit or Ctrl-D ends, Ctrl-C stops a reply")
+    while True:
+        try:
+            message = input("User: ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        message = message.strip()
+        if not message:
+            continue
+        if message.startswith("/"):
+            command = message.split()[0].lower()
+            if command in ("/quit", "/exit"):
+                return 0
+            if command == "/reset":
+                chat.reset()
+                print("(conversation cleared)\n", flush=True)
+            else:
+                print("commands: /reset, /quit\n", flush=True)
+            continue
+        print("Assistant:", end="", flush=True)
+        try:
+            for piece in chat.reply(message):
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:
+            print(" [stopped; this turn is forgotten]\n", flush=True)
+            continue
+        print(flush=True)
+        note(stats_line(chat.last))
+        print(flush=True)
+
+
+def main(argv=None, prog=None) -> int:
+    args = parse_args(argv, prog)
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - one line for the user, the traceback with --debug
+        if args.debug:
+            raise
+        from .errors import RWKVPeftError
+
+        msg = str(e).splitlines()[0] if str(e) else ""
+        print(f"error: {msg}" if isinstance(e, RWKVPeftError) else f"error: {type(e).__name__}: {msg}",
+              file=sys.stderr)
+        return 2 if isinstance(e, RWKVPeftError) else 1
+

@@ -1,0 +1,75 @@
+"""The commands behind the thin scripts train.py and merge.py and the installed
+rwkv-peft-train and rwkv-peft-merge: each parses its flags, runs, and turns a RWKVPeftError
+into one `error:` line (exit code 2), a traceback only with --debug."""
+
+import argparse
+import os
+import sys
+
+from .errors import RWKVPeftError
+from .train.args import parse_args  # light: torch and DeepSpeed load only after the flags parse
+
+TRAIN_HELP = """Fine-tune an RWKV-7 or RWKV-6 model with LoRA, PiSSA, Bone or Bat (or fully), on DeepSpeed.
+
+    python train.py --peft bone --bone_r 64          # the embedded demo: tiny base, chat data
+    python train.py --load_model RWKV-x070-World-1.5B.pth --data_file my.jsonl --peft lora --lora_r 32
+    torchrun --nproc_per_node 4 train.py ...         # or: deepspeed train.py ...
+"""
+
+MERGE_HELP = """Fold a trained adapter into a plain RWKV checkpoint that any RWKV runtime loads.
+
+    python merge.py                                   # newest adapter under out/, its recorded base
+    python merge.py --base base.pth --adapter out/adapter.safetensors --output merged.pth
+"""
+
+
+def train(argv=None, prog: str = "train.py") -> int:
+    """The training command (train.py, rwkv-peft-train)."""
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    try:
+        args = parse_args(argv, prog=prog, description=TRAIN_HELP)  # --help exits here, before the heavy imports
+        from .train.trainer import train as run_training
+
+        run_training(args)
+    except RWKVPeftError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if os.environ.get("RANK", "0") == "0":  # one message for the run, not one per process
+            print("stopped", file=sys.stderr)
+        return 130
+    return 0
+
+
+def merge(argv=None, prog: str = "merge.py") -> int:
+    """The merge command (merge.py, rwkv-peft-merge)."""
+    from .peft.adapter_file import add_foreign_adapter_flags
+    from .peft.merge import merge_files, newest_adapter
+
+    p = argparse.ArgumentParser(prog=prog, description=MERGE_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", help="the base checkpoint, .pth or .safetensors (default: the one the adapter was "
+                                  "trained on)")
+    p.add_argument("--adapter", help="adapter file: ours (.safetensors) or RWKV-PEFT's (.pth) "
+                                     "(default: the newest under out/)")
+    p.add_argument("--output", help="merged checkpoint to write, .pth or .safetensors (default: merged.pth beside "
+                                    "the adapter)")
+    p.add_argument("--no_verify", action="store_true",
+                   help="skip running base+adapter and merged on a probe sequence (needs two fp32 copies in RAM)")
+    add_foreign_adapter_flags(p)
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = p.parse_args(argv)
+    try:
+        adapter = args.adapter or newest_adapter("out")
+        output = merge_files(args.base, adapter, args.output, verify=not args.no_verify,
+                             lora_alpha=args.lora_alpha, pissa_init=args.pissa_init)
+    except RWKVPeftError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"next: python demo/chat.py --model {output}")
+    return 0
