@@ -52,6 +52,7 @@ def work(tmp_path_factory):
     save_adapter(d / "good.safetensors", methods, parts, describe_base(base, model.config, d / "base.pth"))
     (d / "empty.jsonl").write_text("")
     (d / "malformed.jsonl").write_text('{"text": "the cat"}\n{"text": "sat on\n')
+    (d / "plain.txt").write_text("the cat sat on a mat\n")
     (d / "nofields.jsonl").write_text('{"query": "red", "response": "bird"}\n{"query": "cat"}\n')
     # a binidx pair that disagree: the .idx says more tokens than the .bin holds
     subprocess.run([sys.executable, "-m", "rwkv_peft.data.prepare", "text.jsonl", "pair", "--tokenizer", "tok.json"],
@@ -92,6 +93,14 @@ CASES = {
     "resume nothing": ("train", ["--proj_dir", "fresh", "--resume"], "nothing to resume in fresh"),
     "deepspeed json conflict": ("train", ["--deepspeed_config", "ds.json"], "train_batch_size 7 != micro batch 2"),
     "fp16 without a GPU": ("train", ["--precision", "fp16"], "--precision fp16 needs a CUDA GPU"),
+    "empty validation file": ("train", ["--val_file", "empty.jsonl"], "--val_file empty.jsonl: "),
+    "malformed validation file": ("train", ["--val_file", "malformed.jsonl"], "malformed.jsonl line 2"),
+    "eval_every without held-out data": ("train", ["--eval_every", "2"],
+                                         "--eval_every needs held-out data: add --val_file FILE or --val_split"),
+    "val_split too large": ("train", ["--val_split", "0.6"], "--val_split must be a fraction in (0, 0.5], got 0.6"),
+    "val_split negative": ("train", ["--val_split", "-0.1"], "--val_split must be a fraction in (0, 0.5]"),
+    "val_split of plain text": ("train", ["--data_file", "plain.txt", "--val_split", "0.2"],
+                                "--val_split holds out records of a .jsonl file"),
     "merge over its base": ("merge", ["--base", "base.pth", "--adapter", "good.safetensors", "--output",
                                       "base.pth"], "--output base.pth is the same file as --base"),
     "merge into a file's dir": ("merge", ["--base", "base.pth", "--adapter", "good.safetensors", "--output",

@@ -226,7 +226,7 @@ def _train(args: TrainArgs, run: dict, deepspeed) -> dict:
     full, methods, parts = run["full"], run["methods"], run["parts"]
 
     # --val_split: the two parts of --data_file
-    train_file, val_file = data_files(args, world, config["zero_optimization"]["stage"])
+    train_file, val_file = data_files(args, world, config["zero_optimization"]["stage"], log)
 
     def load_data():
         data = load_training_data(train_file, tokenizer, args.ctx_len, data_type=args.data_type,
@@ -238,7 +238,8 @@ def _train(args: TrainArgs, run: dict, deepspeed) -> dict:
     loaded = load_data() if main else None
     dist.barrier()
     data, (heldout, heldout_items) = loaded or load_data()
-    validation = Validation(heldout, heldout_items, tokenizer, args.eval_every, args.early_stop, args.micro_bsz, log)
+    validation = Validation(heldout, heldout_items, tokenizer, args.eval_every, args.early_stop, args.micro_bsz, log,
+                            val_file)
     if args.dry_run:
         log(f"\ndata: {args.data_file}: {len(data):,} samples of {args.ctx_len} tokens per epoch "
             f"({data.tokens_total:,} tokens)\none sample, loss-masked spans marked:\n")
@@ -405,7 +406,7 @@ def _train(args: TrainArgs, run: dict, deepspeed) -> dict:
                "tokens_per_s": round(tokens_per_step * (step - first_step) / max(elapsed - validation.seconds, 1e-9), 1),
                "peak_memory_mb": round(_peak_memory_mb(device), 1),
                "final_loss": losses[-1] if losses else None, "skipped_micro_batches": skipped,
-               "proj_dir": str(proj_dir), **validation.summary()}
+               "proj_dir": str(proj_dir), "train_data": train_file, **validation.summary()}
     if args.save_best:
         summary["best_checkpoint"] = str(best_path)
     if validation.should_stop():

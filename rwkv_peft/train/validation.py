@@ -77,7 +77,7 @@ def split_records(data_file: str, data_type: str, fraction: float, seed: int) ->
     return str(train_part), str(heldout_part)
 
 
-def data_files(args: TrainArgs, world: int, zero_stage: int) -> tuple[str, str | None]:
+def data_files(args: TrainArgs, world: int, zero_stage: int, log=print) -> tuple[str, str | None]:
     """(file to train on, held-out file or None) for the run's data options."""
     if (args.val_file or args.val_split) and world > 1 and zero_stage == 3:
         # ZeRO-3 gathers weights collectively in every forward: the processes' shards of the
@@ -85,7 +85,9 @@ def data_files(args: TrainArgs, world: int, zero_stage: int) -> tuple[str, str |
         raise RWKVPeftError("validation across processes is not supported with ZeRO stage 3 yet; "
                             "use --strategy deepspeed_stage_2 or run one process")
     if args.val_split:
-        return split_records(args.data_file, args.data_type, args.val_split, args.random_seed)
+        train_part, heldout_part = split_records(args.data_file, args.data_type, args.val_split, args.random_seed)
+        log(f"--val_split {args.val_split}: training on {train_part}\n  held out (never trained on): {heldout_part}")
+        return train_part, heldout_part
     return args.data_file, args.val_file
 
 
@@ -118,8 +120,8 @@ class Validation:
     """
 
     def __init__(self, data=None, items=(), tokenizer=None, every: int = 0, patience: int = 0,
-                 batch_size: int = 1, log=print):
-        self.data, self.items, self.tokenizer = data, list(items), tokenizer
+                 batch_size: int = 1, log=print, source: str | None = None):
+        self.data, self.items, self.tokenizer, self.source = data, list(items), tokenizer, source
         self.every, self.patience, self.batch_size, self.log = every, patience, batch_size, log
         self.best_loss, self.best_step, self.since_best = None, None, 0
         self.last_loss, self.improved, self.seconds = None, False, 0.0
@@ -182,4 +184,4 @@ class Validation:
     def summary(self) -> dict:
         if self.data is None:
             return {}
-        return {"val_loss": self.last_loss, "best_val_loss": self.best_loss, "best_step": self.best_step}
+        return {"val_data": self.source, "val_loss": self.last_loss, "best_val_loss": self.best_loss, "best_step": self.best_step}
