@@ -66,14 +66,18 @@ def split_records(data_file: str, data_type: str, fraction: float, seed: int) ->
     directory = split_dir(path)
     train_part = directory / f"{path.stem}.split-{key}.train.jsonl"
     heldout_part = directory / f"{path.stem}.split-{key}.heldout.jsonl"
-    if train_part.is_file() and heldout_part.is_file():
+    if heldout_part.is_file() and train_part.is_file():
         return str(train_part), str(heldout_part)
-    records = [rec for _, rec, _ in iter_jsonl(path) if rec is not None]
-    held = set(heldout_lines(len(records), fraction, seed).tolist())
-    lines = [json.dumps(rec, ensure_ascii=False) + "\n" for rec in records]
-    # the held-out part first: a train part on disk means the split is complete
-    atomic_write(heldout_part, lambda f: f.write("".join(lines[i] for i in sorted(held)).encode()))
-    atomic_write(train_part, lambda f: f.write("".join(x for i, x in enumerate(lines) if i not in held).encode()))
+    n_records = sum(rec is not None for _, rec, _ in iter_jsonl(path))
+    held = set(heldout_lines(n_records, fraction, seed).tolist())
+
+    def write_parts(heldout_file, train_file):  # one streaming pass: the data may not fit in memory
+        records = (rec for _, rec, _ in iter_jsonl(path) if rec is not None)
+        for i, rec in enumerate(records):
+            (heldout_file if i in held else train_file).write((json.dumps(rec, ensure_ascii=False) + "\n").encode())
+
+    # the train part is renamed into place first, so a held-out part on disk means a complete split
+    atomic_write(heldout_part, lambda fh: atomic_write(train_part, lambda ft: write_parts(fh, ft)))
     return str(train_part), str(heldout_part)
 
 
