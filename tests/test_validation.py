@@ -124,7 +124,7 @@ def wandb_history_keys(run_file) -> set[str]:
     return keys
 
 
-def test_val_split_early_stop_tensorboard_and_wandb(work, monkeypatch):
+def test_val_split_early_stop_best_model_tensorboard_and_wandb(work, monkeypatch, tmp_path):
     pytest.importorskip("tensorboard")
     pytest.importorskip("wandb")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -132,14 +132,17 @@ def test_val_split_early_stop_tensorboard_and_wandb(work, monkeypatch):
     pattern = "the cat sat on a mat and saw one red bird".split()
     with open(work / "ids.jsonl", "w") as f:
         for i in range(16):
-            f.write(json.dumps({"id": i, "text": " ".join(pattern[i % 11:] + pattern[:i % 11])}) + "\n")
+            words = pattern[i % 11:] + pattern[:i % 11]
+            f.write(json.dumps({"id": i, "messages": [{"role": "user", "content": " ".join(words[:3])},
+                                                      {"role": "assistant", "content": " ".join(words[3:])}]}) + "\n")
     for key, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(work),
                        "WANDB_CONFIG_DIR": str(work / "wandb-config"), "WANDB_CACHE_DIR": str(work / "wandb-cache"),
                        "WANDB_DATA_DIR": str(work / "wandb-data")}.items():
         monkeypatch.setenv(key, value)
     run = work / "split"
-    train(work, "--data_file", "ids.jsonl", "--max_steps", "12", "--micro_bsz", "2", "--val_split", "0.25",
-          "--eval_every", "1", "--early_stop", "1", "--report_to", "tensorboard", "wandb", "--proj_dir", run.name)
+    run_script(work, "train.py", *COMMON, "--peft", "none", "--data_file", "ids.jsonl",
+               "--max_steps", "12", "--micro_bsz", "2", "--val_split", "0.25", "--eval_every", "1", "--early_stop", "1",
+               "--save_best", "--report_to", "tensorboard", "wandb", "--proj_dir", run.name)
     summary = json.loads((run / "summary.json").read_text())
 
     # held out: a quarter of the records, never in the part trained on
@@ -151,9 +154,14 @@ def test_val_split_early_stop_tensorboard_and_wandb(work, monkeypatch):
     # early stop: at the first evaluation that is not below every earlier one
     vals = [r["val_loss"] for r in records(run, "val_loss")]
     stop = next((i for i in range(1, len(vals)) if vals[i] >= min(vals[:i])), len(vals) - 1)
-    assert len(vals) == stop + 1 and summary["steps"] == stop + 1
-    assert summary.get("early_stopped", False) == (stop + 1 < 12)
+    assert len(vals) == stop + 1 and summary["steps"] == stop + 1 < 12 and summary["early_stopped"]
     assert (run / "checkpoints" / (run / "checkpoints/latest").read_text() / "trainer.json").is_file()
+
+    # the best full model is the one whose held-out loss was lowest: eval measures it again
+    assert summary["best_checkpoint"] == str(run.name + "/model-best.pth") and summary["best_val_loss"] == min(vals)
+    assert eval_main(["--model", str(run / "model-best.pth"), "--data", summary["val_data"], "--tokenizer",
+                      str(work / "tok.json"), "--ctx_len", "32", "--json", str(tmp_path / "best.json")]) == 0
+    assert abs(json.loads((tmp_path / "best.json").read_text())[0]["loss"] - min(vals)) < 1e-5
 
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
