@@ -92,7 +92,8 @@ def test_validation_changes_no_training_bit_and_resumes_to_the_same_best(work):
     train(work, *args, *val, "--proj_dir", "halves", "--resume")
     assert records(work / "halves", "val_loss") == records(work / "val", "val_loss")
     assert losses(work / "halves") == losses(work / "val")
-    assert (work / "halves/adapter-best.safetensors").read_bytes() == (work / "val/adapter-best.safetensors").read_bytes()
+    best_file = "adapter-best.safetensors"
+    assert (work / "halves" / best_file).read_bytes() == (work / "val" / best_file).read_bytes()
     straight, resumed = (json.loads((work / r / "summary.json").read_text()) for r in ("val", "halves"))
     best = min(records(work / "val", "val_loss"), key=lambda r: r["val_loss"])
     assert resumed["best_step"] == straight["best_step"] == best["step"]

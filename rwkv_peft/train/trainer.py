@@ -402,8 +402,9 @@ def _train(args: TrainArgs, run: dict, deepspeed) -> dict:
     save(step, final=True)
 
     elapsed = time.perf_counter() - start
+    training_s = max(elapsed - validation.seconds, 1e-9)
     summary = {"steps": step, "tokens_seen": step * tokens_per_step, "time_s": round(elapsed, 2),
-               "tokens_per_s": round(tokens_per_step * (step - first_step) / max(elapsed - validation.seconds, 1e-9), 1),
+               "tokens_per_s": round(tokens_per_step * (step - first_step) / training_s, 1),
                "peak_memory_mb": round(_peak_memory_mb(device), 1),
                "final_loss": losses[-1] if losses else None, "skipped_micro_batches": skipped,
                "proj_dir": str(proj_dir), "train_data": train_file, **validation.summary()}

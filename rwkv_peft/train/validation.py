@@ -188,4 +188,5 @@ class Validation:
     def summary(self) -> dict:
         if self.data is None:
             return {}
-        return {"val_data": self.source, "val_loss": self.last_loss, "best_val_loss": self.best_loss, "best_step": self.best_step}
+        return {"val_data": self.source, "val_loss": self.last_loss, "best_val_loss": self.best_loss,
+                "best_step": self.best_step}
