@@ -77,17 +77,24 @@ def read_records(path: str) -> list[dict]:
 
 
 @torch.inference_mode()
-def heldout_loss(model, data, batch_size: int = 8) -> tuple[float, int]:
-    """(mean CE per trained token, number of trained tokens) over every sample of data."""
+def heldout_sums(model, data, indices, batch_size: int = 8) -> tuple[float, int]:
+    """(sum of CE over the trained tokens, number of trained tokens) of data's samples at indices.
+    Sums rather than a mean, so that shards evaluated apart (one per process) add up exactly."""
     device = model.emb.weight.device
+    indices = list(indices)
     total, count = 0.0, 0
-    n = len(data)
-    for start in range(0, n, batch_size):
-        batch = data.batch(list(range(start, min(start + batch_size, n))))
+    for start in range(0, len(indices), batch_size):
+        batch = data.batch(indices[start:start + batch_size])
         logits = model(batch["input_ids"].to(device))
         ce_sum, n_trained = masked_ce_sum(logits, batch["targets"].to(device), batch["loss_mask"].to(device))
         total += float(ce_sum)
         count += int(n_trained)
+    return total, count
+
+
+def heldout_loss(model, data, batch_size: int = 8) -> tuple[float, int]:
+    """(mean CE per trained token, number of trained tokens) over every sample of data."""
+    total, count = heldout_sums(model, data, range(len(data)), batch_size)
     return total / max(count, 1), count
 
 

@@ -58,6 +58,7 @@ def work(tmp_path_factory):
     (d / "garbage.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all")
     (d / "empty.jsonl").write_text("")
     (d / "malformed.jsonl").write_text('{"text": "the cat"}\n{"text": "sat on\n')
+    (d / "plain.txt").write_text("the cat sat on a mat\n")
     (d / "nofields.jsonl").write_text('{"query": "red", "response": "bird"}\n{"query": "cat"}\n')
     # a binidx pair that disagree: the .idx says more tokens than the .bin holds
     subprocess.run([sys.executable, "-m", "rwkv_peft.data.prepare", "text.jsonl", "pair", "--tokenizer", "tok.json"],
@@ -115,6 +116,14 @@ CASES = {
                                             "init-of-another-run.pth"], "missing tensor 'blocks.0.att.key.init_lora_B'"),
     "merge to an unknown format": ("merge", ["--base", "base.pth", "--adapter", "good.safetensors", "--output",
                                              "m.bin"], "--output m.bin: unknown checkpoint format '.bin'"),
+    "empty validation file": ("train", ["--val_file", "empty.jsonl"], "--val_file empty.jsonl: "),
+    "malformed validation file": ("train", ["--val_file", "malformed.jsonl"], "malformed.jsonl line 2"),
+    "eval_every without held-out data": ("train", ["--eval_every", "2"],
+                                         "--eval_every needs held-out data: add --val_file FILE or --val_split"),
+    "val_split too large": ("train", ["--val_split", "0.6"], "--val_split must be a fraction in (0, 0.5], got 0.6"),
+    "val_split negative": ("train", ["--val_split", "-0.1"], "--val_split must be a fraction in (0, 0.5]"),
+    "val_split of plain text": ("train", ["--data_file", "plain.txt", "--val_split", "0.2"],
+                                "--val_split holds out records of a .jsonl file"),
     "merge over its base": ("merge", ["--base", "base.pth", "--adapter", "good.safetensors", "--output",
                                       "base.pth"], "--output base.pth is the same file as --base"),
     "merge into a file's dir": ("merge", ["--base", "base.pth", "--adapter", "good.safetensors", "--output",

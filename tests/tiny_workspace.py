@@ -67,4 +67,6 @@ def run_script(work: Path, script: str, *args, nproc: int = 1, check: bool = Tru
 
 
 def losses(run_dir: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    """The training loss per step (validation records, which have val_loss instead, left out)."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]

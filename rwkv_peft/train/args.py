@@ -43,6 +43,18 @@ class TrainArgs:
                                  "model of its vocabulary size, the World tokenizer for 65536 (and for new models)",
                          "data")
     ctx_len: int = opt(512, "tokens per sample", "data")
+    # validation
+    val_file: str | None = opt(None, "held-out data in any training format: its loss is computed every "
+                                     "--eval_every steps and at the end", "validation")
+    val_split: float = opt(0.0, "hold out this fraction (0 < F <= 0.5) of the .jsonl records of --data_file, "
+                                "chosen from --random_seed and never trained on", "validation")
+    eval_every: int = opt(0, "validation loss every N steps (0: only at the end); needs --val_file or "
+                             "--val_split", "validation")
+    eval_generate: int = opt(0, "also answer the first K held-out chat records greedily and log the task "
+                                "score, as rwkv_peft.eval does", "validation")
+    save_best: bool = opt(False, "keep adapter-best.safetensors (model-best.pth for --peft full) of the lowest "
+                                 "validation loss", "validation")
+    early_stop: int = opt(0, "stop after P evaluations without a lower validation loss (0: never)", "validation")
     # PEFT
     peft: str | None = opt(None, "method for the default target layers: lora, pissa, bone, bat, or full (every "
                                  "weight; 'none' is the same when no --peft_rules/--train_parts are given) "
@@ -96,12 +108,15 @@ class TrainArgs:
                              nargs="?", const="latest")
     stop_at_step: int = opt(0, "save a checkpoint and stop at this step, keeping the schedule of --max_steps "
                                "(for time-limited jobs; continue with --resume)", "output")
+    report_to: list[str] = opt((), "also log to: tensorboard (event files in <proj_dir>/tensorboard), wandb "
+                                   "(set WANDB_MODE=offline to keep it local)", "output", nargs="*",
+                               choices=("tensorboard", "wandb"))
     dry_run: bool = opt(False, "print the layer table and one rendered sample with its loss mask, then exit",
                         "output")
     debug: bool = opt(False, "show Python tracebacks", "output")
 
 
-GROUPS = ("model", "data", "peft", "training", "output")
+GROUPS = ("model", "data", "validation", "peft", "training", "output")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -125,7 +140,7 @@ def build_parser(prog: str = "train.py", description: str | None = None) -> argp
             kw["action"] = "store_true"
         elif "nargs" not in meta:
             kw["type"] = {"int": int, "float": float}.get(str(f.type).removesuffix(" | None"), str)
-        elif f.name == "train_parts":
+        elif f.default == ():  # a list option: argparse wants a list default
             kw["default"] = []
         groups[group].add_argument(f"--{f.name}", **kw)
     # the deepspeed launcher passes --local_rank=N; LOCAL_RANK in the environment says the same
@@ -160,6 +175,18 @@ def check_args(args: TrainArgs) -> None:
             raise RWKVPeftError(f"--{name} must be positive, got {getattr(args, name)}")
     if (args.n_layer > 0) != (args.n_embd > 0):
         raise RWKVPeftError("training from scratch needs both --n_layer and --n_embd")
+    has_val = bool(args.val_file or args.val_split)
+    if args.val_file and args.val_split:
+        raise RWKVPeftError("give either --val_file or --val_split, not both")
+    if args.val_split and not 0 < args.val_split <= 0.5:
+        raise RWKVPeftError(f"--val_split must be a fraction in (0, 0.5], got {args.val_split}")
+    for name in ("eval_every", "eval_generate", "early_stop"):
+        if getattr(args, name) < 0:
+            raise RWKVPeftError(f"--{name} must not be negative, got {getattr(args, name)}")
+        if getattr(args, name) and not has_val:
+            raise RWKVPeftError(f"--{name} needs held-out data: add --val_file FILE or --val_split 0.05")
+    if args.save_best and not has_val:
+        raise RWKVPeftError("--save_best needs held-out data: add --val_file FILE or --val_split 0.05")
     if args.n_layer and args.load_model:
         raise RWKVPeftError("give either --load_model (fine-tune) or --n_layer/--n_embd (from scratch), not both")
 

@@ -32,7 +32,9 @@ from .engine import (deepspeed_config, device_for_rank, import_deepspeed, make_o
                      quiet_known_notices, set_launcher_env, weights_only_load)
 from .interrupt import StopRequest, survive_lost_output
 from .loss import masked_loss
+from .report import Report, plot_losses, require_backends
 from .schedule import learning_rate
+from .validation import Validation, data_files, load_heldout
 
 DEMO_LR = 1e-3
 SHORT_RUN_STEPS = 50  # fewer optimizer steps than this: say so, and how to train more
@@ -164,6 +166,7 @@ def _prepare(args: TrainArgs, main: bool, world: int) -> dict:
     resume_from = find_checkpoint(proj_dir, args.resume) if args.resume else None
     if not args.dry_run:
         _check_writable(proj_dir)
+    require_backends(args.report_to)
     config = deepspeed_config(args, world)  # a user's JSON may set the batch sizes and precision
     set_wkv_op(args.op)
     if args.op == "cuda" and not torch.cuda.is_available():
@@ -212,15 +215,21 @@ def _train(args: TrainArgs, run: dict, deepspeed) -> dict:
     model, base_sd, base_path, base_info = run["model"], run["base_sd"], run["base_path"], run["base_info"]
     full, methods, parts = run["full"], run["methods"], run["parts"]
 
+    # --val_split: the two parts of --data_file
+    train_file, val_file = data_files(args, world, config["zero_optimization"]["stage"], log)
+
     def load_data():
-        return load_training_data(args.data_file, tokenizer, args.ctx_len, data_type=args.data_type,
+        data = load_training_data(train_file, tokenizer, args.ctx_len, data_type=args.data_type,
                                   sft_fields=tuple(args.sft_fields) if args.sft_fields else None,
                                   mode=args.data_mode, seed=args.random_seed, progress=main)
+        return data, load_heldout(val_file, args, tokenizer, main) if val_file else (None, ())
 
     # rank 0 tokenizes into the cache first; the others then read the cache
-    data = load_data() if main else None
+    loaded = load_data() if main else None
     dist.barrier()
-    data = data or load_data()
+    data, (heldout, heldout_items) = loaded or load_data()
+    validation = Validation(heldout, heldout_items, tokenizer, args.eval_every, args.early_stop, args.micro_bsz, log,
+                            val_file)
     if args.dry_run:
         log(f"\ndata: {args.data_file}: {len(data):,} samples of {args.ctx_len} tokens per epoch "
             f"({data.tokens_total:,} tokens)\none sample, loss-masked spans marked:\n")
@@ -255,16 +264,18 @@ def _train(args: TrainArgs, run: dict, deepspeed) -> dict:
         if state.get("global_batch") != global_batch:
             raise RWKVPeftError(f"--resume: the checkpoint was trained with a global batch of "
                                 f"{state.get('global_batch')} samples, this run has {global_batch}")
-        if step >= total_steps:
-            log(f"the run in {proj_dir} is already complete ({step} of {total_steps} steps); nothing was changed. "
-                "To train more, start a new run (or resume with a larger --max_steps)")
-            return {"steps": step, "complete": True, "proj_dir": str(proj_dir)}
         with torch.no_grad():  # PiSSA keeps W - B0 A0 frozen; B0, A0 came back with the checkpoint
             for name, method in methods.items():
                 if method.name != "pissa":
                     continue
                 layer = engine.module.get_submodule(name)
                 layer.weight.copy_(method.frozen_weight(base_sd[f"{name}.weight"].to(layer.weight)))
+        validation.load_state(state.get("validation"))
+        if step >= total_steps or validation.should_stop():
+            how = "stopped early" if step < total_steps else "complete"
+            log(f"the run in {proj_dir} is already {how} ({step} of {total_steps} steps); nothing was changed. "
+                "To train more, start a new run (or resume with a larger --max_steps)")
+            return {"steps": step, "complete": True, "proj_dir": str(proj_dir)}
         log(f"resumed from {resume_from} at step {step}")
 
     metrics_path = proj_dir / "metrics.jsonl"
@@ -275,20 +286,28 @@ def _train(args: TrainArgs, run: dict, deepspeed) -> dict:
             kept = [line for line in metrics_path.read_text().splitlines() if _record_step(line) <= step]
         atomic_write(metrics_path, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
 
-    def save(step: int, final: bool = False):
+    def write_weights(target: Path):
         trainable = {n: p for n, p in engine.module.named_parameters() if p.requires_grad}
         if main:
             if full:
-                target = proj_dir / f"model.{args.model_format}"
                 save_checkpoint_file({k: v.detach().cpu() for k, v in engine.module.state_dict().items()}, target)
             else:
-                (proj_dir / "adapters").mkdir(exist_ok=True)
-                target = proj_dir / ("adapter.safetensors" if final else f"adapters/step-{step:08d}.safetensors")
                 save_adapter(target, methods, {k: trainable[k] for k in parts}, base_info)
+
+    def save(step: int, final: bool = False):
+        if full:
+            write_weights(proj_dir / f"model.{args.model_format}")
+        else:
+            if main:
+                (proj_dir / "adapters").mkdir(exist_ok=True)
+            write_weights(proj_dir / ("adapter.safetensors" if final else f"adapters/step-{step:08d}.safetensors"))
         save_checkpoint(engine, proj_dir, step, {"step": step, "global_batch": global_batch,
                                                  "samples": step * global_batch, "segment": segment,
-                                                 "elapsed_s": earlier_s + time.perf_counter() - start},
-                        args.keep_last)
+                                                 "elapsed_s": earlier_s + time.perf_counter() - start,
+                                                 "validation": validation.state()}, args.keep_last)
+
+    best_path = proj_dir / (f"model-best.{args.model_format}" if full else "adapter-best.safetensors")
+    report = Report(metrics_path, args.report_to, asdict(args), enabled=main)
 
     tokens_per_step = global_batch * args.ctx_len
     log(f"\ntraining {total_steps} steps of {global_batch} x {args.ctx_len} tokens on {world} "
@@ -351,21 +370,32 @@ def _train(args: TrainArgs, run: dict, deepspeed) -> dict:
             step += 1
             losses.append(step_loss)
             elapsed = time.perf_counter() - start
-            tps = tokens_per_step * (step - first_step) / max(elapsed, 1e-9)
+            tps = tokens_per_step * (step - first_step) / max(elapsed - validation.seconds, 1e-9)
+            val_record = validation.evaluate(engine.module, step) if validation.due(step, total_steps) else None
+            if val_record and args.save_best and validation.improved:
+                write_weights(best_path)
             if main:
                 record = {"step": step, "loss": round(step_loss, 6), "lr": lr, "tokens": step * tokens_per_step,
-                          "tokens_per_s": round(tps, 1), "elapsed_s": round(earlier_s + elapsed, 3)}
+                          "tokens_per_s": round(tps, 1), "elapsed_s": round(earlier_s + elapsed, 3),
+                          "peak_memory_mb": round(_peak_memory_mb(device), 1)}
                 if bad:
                     record["skipped_micro_batches"] = bad
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}")
+                report.log(record)
+                if val_record:
+                    report.log(val_record)
+                val = {"val": f"{validation.last_loss:.4f}"} if validation.last_loss is not None else {}
+                bar.set_postfix(loss=f"{step_loss:.4f}", **val, tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}")
                 bar.update(1)
+            if validation.should_stop():
+                log(f"\nearly stop: no lower validation loss in {args.early_stop} evaluations; "
+                    f"the best was {validation.best_loss:.4f} at step {validation.best_step}")
+                break
             if (stop_now or step == args.stop_at_step) and step < total_steps:
                 bar.close()
                 save(step)
                 why = "\ninterrupted: saved a checkpoint" if stop_now else "stopped (--stop_at_step): saved a checkpoint"
                 log(f"{why} at step {step}; continue with --resume --proj_dir {proj_dir}")
+                report.close()
                 if stop_now:
                     raise KeyboardInterrupt
                 return {"steps": step, "stopped": True, "proj_dir": str(proj_dir)}
@@ -374,35 +404,25 @@ def _train(args: TrainArgs, run: dict, deepspeed) -> dict:
     bar.close()
     save(step, final=True)
 
-    # the whole run, over every resumed segment
+    # the whole run, over every resumed segment; tokens/s leaves out time spent validating
     elapsed = earlier_s + time.perf_counter() - start
+    training_s = max(elapsed - validation.seconds, 1e-9)
     summary = {"steps": step, "tokens_seen": step * tokens_per_step, "time_s": round(elapsed, 2),
-               "tokens_per_s": round(tokens_per_step * step / max(elapsed, 1e-9), 1), "segments": segment,
+               "tokens_per_s": round(tokens_per_step * step / training_s, 1), "segments": segment,
                "peak_memory_mb": round(_peak_memory_mb(device), 1),
                "final_loss": losses[-1] if losses else None, "skipped_micro_batches": skipped,
-               "proj_dir": str(proj_dir)}
+               "proj_dir": str(proj_dir), "train_data": train_file, **validation.summary()}
+    if args.save_best:
+        summary["best_checkpoint"] = str(best_path)
+    if validation.should_stop():
+        summary["early_stopped"] = True
+    report.close()
     if main:
         atomic_write(proj_dir / "summary.json", lambda f: f.write(json.dumps(summary, indent=1).encode()))
-        _plot_losses(metrics_path, proj_dir / "loss.png")
+        plot_losses(metrics_path, proj_dir / "loss.png")
         log("\n" + "  ".join(f"{k}: {v}" for k, v in summary.items()))
         out = proj_dir / (f"model.{args.model_format}" if full else "adapter.safetensors")
         log(f"wrote {out}")
         log(f"next: python -m rwkv_peft.run --model {out}" if full else f"next: python merge.py --adapter {out}")
     return summary
 
-
-def _plot_losses(metrics_path: Path, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=1.2)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    atomic_write(png, lambda f: fig.savefig(f, format="png"))
-    plt.close(fig)
