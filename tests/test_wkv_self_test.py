@@ -92,7 +92,8 @@ def test_a_wrong_kernel_is_caught_in_one_line(kernel, dtype, expected):
     assert reason is not None and "\n" not in reason
     head = f"RWKV-7 kernel self-test failed on cpu ({dtype}, head size 16): "
     assert reason.startswith(head), reason
-    wrong = reason[len(head):].split(" disagree with the PyTorch chunked path")[0].split(", ")
+    assert reason[len(head):].startswith("differs from the PyTorch chunked path in "), reason
+    wrong = reason.split(" chunked path in ")[1].split(" (worst")[0].split(", ")
     assert set(expected) <= set(wrong), reason
     if kernel in (_wrong_grad_w, _no_grad_to_state, _wrong_without_grad_only):
         assert wrong == expected, reason  # only the planted fault

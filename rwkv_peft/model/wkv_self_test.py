@@ -106,7 +106,7 @@ def self_test(kernel, version: int, head_size: int, device, seed: int = 0) -> st
     (it may be first called from inside torch.no_grad or inference mode).
     """
     device = torch.device(device)
-    where = f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
+    where = f"{device}, {torch.cuda.get_device_name(device)}" if device.type == "cuda" else str(device)
     reference = wkv7_chunked if version == 7 else wkv6_chunked
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.inference_mode(False), torch.enable_grad():
@@ -122,7 +122,7 @@ def self_test(kernel, version: int, head_size: int, device, seed: int = 0) -> st
             if wrong:
                 worst = max(wrong, key=lambda name: math.inf if math.isnan(errors[name]) else errors[name])
                 return (f"RWKV-{version} kernel self-test failed on {where} ({dtype_name}, head size {head_size}): "
-                        f"{', '.join(wrong)} disagree with the PyTorch chunked path (worst: {worst}, off by "
+                        f"differs from the PyTorch chunked path in {', '.join(wrong)} (worst: {worst}, off by "
                         f"{errors[worst]:.1e} relative, tolerance {tolerance:.0e}); the kernel computes wrong "
                         f"results on this GPU: please report it with the output of "
                         f"`python -m pytest tests/test_wkv_cuda.py`")
