@@ -119,6 +119,27 @@ def test_first_use_inside_inference_mode_leaves_rng_and_modes_alone():
     assert torch.equal(torch.get_rng_state(), rng)
 
 
+@pytest.mark.parametrize("kernel,passes", [(wkv7_sequential, True), (_wrong_grad_w, False)],
+                         ids=["correct", "wrong"])
+def test_first_use_inside_an_activation_checkpoint(kernel, passes):
+    """With --grad_cp 1 the first WKV call runs inside a block under non-reentrant activation
+    checkpointing: the self-test must neither trip its saved-tensor hooks nor disturb the
+    block's backward."""
+    from torch.utils.checkpoint import checkpoint
+
+    reasons = []
+
+    def block(x):
+        if not reasons:  # as in wkv_cuda: once, not again in the recomputation
+            reasons.append(self_test(kernel, 7, 16, "cpu"))
+        return (x * 2).sin()
+
+    x = torch.linspace(-1, 1, 5, requires_grad=True)
+    checkpoint(block, x, use_reentrant=False).sum().backward()
+    assert (reasons[0] is None) == passes
+    torch.testing.assert_close(x.grad, 2 * torch.cos(2 * x.detach()))
+
+
 def test_a_failing_build_is_reported_with_its_error_line(monkeypatch):
     def failing_build(head_size, device):
         raise RuntimeError("Error building extension 'rwkv_peft_wkv_sm90_n64':\n[1/3] nvcc -c wkv7.cu\n"

@@ -102,14 +102,17 @@ def self_test(kernel, version: int, head_size: int, device, seed: int = 0) -> st
 
     kernel: ``(r, w, k, v, a, b, state) -> (y, new_state)`` for version 7, ``(r, w, k, v,
     u, state)`` for version 6, with the conventions of rwkv_peft.model.wkv. Runs under its
-    own random generator (the global RNG streams are left alone) and with gradients enabled
-    (it may be first called from inside torch.no_grad or inference mode).
+    own random generator (the global RNG streams are left alone), with gradients enabled and
+    autocast off, and with its own (identity) saved-tensor hooks: it may be first called from
+    inside torch.no_grad, inference mode, autocast, or a block's forward under activation
+    checkpointing (--grad_cp 1), whose hooks would otherwise capture the test's tensors.
     """
     device = torch.device(device)
     where = f"{device}, {torch.cuda.get_device_name(device)}" if device.type == "cuda" else str(device)
     reference = wkv7_chunked if version == 7 else wkv6_chunked
     gen = torch.Generator(device=device).manual_seed(seed)
-    with torch.inference_mode(False), torch.enable_grad():
+    with (torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False),
+          torch.autograd.graph.saved_tensors_hooks(lambda x: x, lambda x: x)):
         inputs, s0 = _inputs(version, head_size, device, gen)
         for dtype, tolerance in TOLERANCE.items():
             dtype_name = str(dtype).removeprefix("torch.")
