@@ -36,6 +36,7 @@ at the end.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import logging
@@ -171,7 +172,7 @@ class Results:
         keys = self.TRAIN_KEY if kind == "train" else self.KERNEL_KEY
         key = tuple(row.get(k) for k in keys)
         self.data[kind] = [r for r in self.data[kind] if tuple(r.get(k) for k in keys) != key] + [row]
-        self.new[kind].append(row)
+        self.new[kind] = [r for r in self.new[kind] if tuple(r.get(k) for k in keys) != key] + [row]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.data, indent=1))
@@ -396,10 +397,12 @@ def relative_error(x, ref) -> float:
     return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
 
 
-def kernel_rows(version, ops, args, device) -> list[dict]:
+def kernel_rows(version, ops, args, device, record=lambda row: None) -> list[dict]:
     """Time each op on the same inputs (forward; forward+backward from random gradients on y
     and the final state), then compare every op's y, final state and input gradients with
-    the PyTorch chunked op's (fp32 inside: the most accurate of the three)."""
+    the PyTorch chunked op's (fp32 inside: the most accurate of the three). record(row) is
+    called as soon as a row is timed, and again once it has its comparison, so that a run
+    cut short (a slow Triton autotune, a time limit) keeps what it measured."""
     B, T, H = args.kernel_shape
     gpu = torch.cuda.get_device_name(device)
     inputs, state = kernel_inputs(version, B, T, H, HEAD, device, args.seed)
@@ -414,6 +417,7 @@ def kernel_rows(version, ops, args, device) -> list[dict]:
         missing = fla_missing() if op == "fla" else None
         if missing:
             rows.append({**row, "status": f"skipped: {missing}"})
+            record(rows[-1])
             continue
         leaves = [x.clone().requires_grad_() for x in (*inputs, state)]
 
@@ -452,6 +456,7 @@ def kernel_rows(version, ops, args, device) -> list[dict]:
             del leaves
             _free_memory()
         rows.append(row)
+        record(row)
     if "torch" in outputs:  # agreement with the PyTorch chunked op, same inputs
         for row in rows:
             if row["op"] != "torch" and row["op"] in outputs:
@@ -459,6 +464,7 @@ def kernel_rows(version, ops, args, device) -> list[dict]:
                 worst = max(errs, key=lambda n: errs[n] if errs[n] == errs[n] else float("inf"))
                 row["rel_err_vs_torch"] = {n: float(f"{e:.3g}") for n, e in errs.items()}
                 row["worst_vs_torch"] = f"{worst} {errs[worst]:.1e}"
+                record(row)
     del outputs
     _free_memory()
     return rows
@@ -523,8 +529,7 @@ def main(argv=None) -> int:
                 skipped.append(f"kernels WKV-{version}")
                 continue
             ops = [op for op in args.kernel_ops if not (op == "cuda" and reasons.get(version) is not None)]
-            for row in kernel_rows(version, ops, args, device):
-                results.add("kernel", row)
+            for row in kernel_rows(version, ops, args, device, record=functools.partial(results.add, "kernel")):
                 print(f"  WKV-{version} {row['op']:5s}: fwd {row.get('fwd_ms', '-')} ms, fwd+bwd "
                       f"{row.get('fwd_bwd_ms', '-')} ms, peak {row.get('fwd_bwd_peak_mb', '-')} MB, first call "
                       f"{row.get('first_call_s', '-')} s, worst vs torch {row.get('worst_vs_torch', '-')} "

@@ -123,7 +123,10 @@ def test_kernel_harness_times_each_op_and_compares_outputs(cpu_timing, monkeypat
     monkeypatch.setattr(bench_gpu, "KERNEL_OPS", ops)
     monkeypatch.setattr(bench_gpu, "fla_missing", lambda: None)
     args = bench_gpu.parse_args(["--kernel-shape", "1,20,1", "--repeats", "1"])
-    rows = bench_gpu.kernel_rows(version, ["cuda", "torch", "fla"], args, torch.device("cpu"))
+    recorded = []
+    rows = bench_gpu.kernel_rows(version, ["cuda", "torch", "fla"], args, torch.device("cpu"), record=recorded.append)
+    # each row is recorded once timed (a run cut short keeps it), again with its comparison
+    assert [r["op"] for r in recorded] == ["cuda", "torch", "fla", "cuda", "fla"]
     assert [r["op"] for r in rows] == ["cuda", "torch", "fla"] and all(r["status"] == "ok" for r in rows)
     grads = ["dr", "dw", "dk", "dv", "da", "db"] if version == 7 else ["dr", "dw", "dk", "dv", "du"]
     assert list(rows[0]["rel_err_vs_torch"]) == ["y", "state", *grads, "ds0"]
