@@ -26,6 +26,7 @@ script is tested on the CPU machine: tests/test_gpu_check.py).
 Writes DIR/gpu_check.log (everything printed, the children's output included),
 DIR/gpu_check.json ({"env", "steps": {name: {"status", "seconds", ...}}, "kernel": rows,
 "train": rows, "goals": {...}}) and DIR/bench_gpu.json (bench_gpu.py's own results file).
+Exit code 1 when a step failed or ran out of time (skipped and not-run steps are not failures).
 """
 
 from __future__ import annotations
@@ -378,7 +379,8 @@ def main(argv=None) -> int:
         log(f"  goal {name}: {g['value']} (target {g['target']}): {mark}")
     log(f"wrote {json_path} and {args.out / 'gpu_check.log'} ({report['seconds']} s)")
     log.close()
-    return 0
+    good = ("ok", "skipped", "not run")
+    return 0 if all(r["status"].startswith(good) for r in report["steps"].values()) else 1
 
 
 if __name__ == "__main__":
