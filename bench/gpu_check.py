@@ -232,8 +232,10 @@ def build_child() -> dict:
     for proc in background:
         proc.wait()
     result["background_builds"] = [proc.returncode for proc in background]
-    passed = all(r is None for r in result["cuda_unavailable_reason"].values())
-    result["status"] = "ok" if passed and not any(result["background_builds"]) else "failed"
+    problems = [f"RWKV-{v}: {r}" for v, r in result["cuda_unavailable_reason"].items() if r is not None]
+    problems += [f"the background build of head size {n} exited {code}"
+                 for n, code in zip((32, 128), result["background_builds"]) if code]
+    result["status"] = "failed: " + "; ".join(problems) if problems else "ok"
     return result
 
 

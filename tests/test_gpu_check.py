@@ -142,3 +142,43 @@ def test_kernel_harness_skips_fla_when_not_installed(cpu_timing):
     args = bench_gpu.parse_args(["--kernel-shape", "1,20,1", "--repeats", "1"])
     row, = bench_gpu.kernel_rows(7, ["fla"], args, torch.device("cpu"))
     assert row["status"] == f"skipped: {missing}" and missing.startswith("flash-linear-attention not importable")
+
+
+def test_build_step_on_a_stubbed_gpu(monkeypatch):
+    """The build child's GPU path, with the GPU, the build and the background builds stubbed:
+    it times the build, self-tests both versions, and fails when one version fails."""
+    from rwkv_peft.model import wkv_cuda, wkv_self_test
+
+    for name, value in {"is_available": lambda: True, "current_device": lambda: 0,
+                        "get_device_name": lambda d=None: "stub GPU", "get_device_capability": lambda d=None: (9, 0),
+                        "synchronize": lambda d=None: None}.items():
+        monkeypatch.setattr(torch.cuda, name, value)
+    monkeypatch.setattr(wkv_cuda, "_toolchain_reason", lambda device, head_size: None)
+    monkeypatch.setattr(wkv_cuda, "load_extension", lambda head_size, device=None: object())
+    tested = []
+
+    def stub_self_test(kernel, version, head_size, device):
+        tested.append((version, head_size, str(device)))
+        return None if version == 7 else "RWKV-6 kernel self-test failed on cuda:0, stub GPU (...)"
+
+    monkeypatch.setattr(wkv_self_test, "self_test", stub_self_test)
+    monkeypatch.setattr(wkv_cuda, "cuda_unavailable_reason",
+                        lambda device, head_size, version: stub_self_test(None, version, head_size, device))
+
+    class Build:  # a background build of another head size that succeeded
+        returncode = 0
+
+        def __init__(self, cmd, cwd):
+            assert "load_extension(" in cmd[-1]
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(gpu_check.subprocess, "Popen", Build)
+    result = gpu_check.build_child()
+    assert tested[:2] == [(7, 64, "cuda:0"), (6, 64, "cuda:0")]
+    assert result["gpu"] == "stub GPU" and result["capability"] == [9, 0] and "build_s" in result
+    assert result["self_test_v7"] == "passed" and result["self_test_v6"].startswith("RWKV-6 kernel self-test failed")
+    assert result["background_builds"] == [0, 0]
+    assert result["status"] == "failed: RWKV-6: RWKV-6 kernel self-test failed on cuda:0, stub GPU (...)"
+    json.dumps(result)  # goes into gpu_check.json
