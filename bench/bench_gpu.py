@@ -18,9 +18,14 @@
    creation on (weights, optimizer state, activations); "OOM" where it does not fit.
    The WKV op of the model is --op (default cuda: the kernels of cuda/).
 
+   --rows MODEL:METHOD:GRAD_CP,... runs chosen rows in a chosen order instead of the grid.
+
 2. Kernels: WKV-7 (and WKV-6) forward and forward+backward time and peak memory at B=8,
-   T=4096, H=16, N=64 (bf16 inputs, fp32 w) for the CUDA kernels against the PyTorch
-   chunked forms of rwkv_peft/model/wkv.py. Median over repeats after warm-up, CUDA events.
+   T=4096, H=16, N=64 (bf16 inputs, fp32 w, an fp32 state in and out) for the CUDA kernels,
+   the PyTorch chunked forms of rwkv_peft/model/wkv.py and, as the independent peer,
+   flash-linear-attention's chunk_rwkv7 / chunk_rwkv6 (when installed), all on the same
+   inputs; every op's output, final state and input gradients are compared with the
+   PyTorch op's. Median over repeats after warm-up, CUDA events.
 
 Every measured row is merged into the JSON file (--json) at once, keyed by its settings,
 so a grid can be run in pieces (each command within a time limit: --time-budget stops
@@ -31,6 +36,7 @@ at the end.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import logging
@@ -88,6 +94,13 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
     p.add_argument("--kernel-shape", type=csv(int), default=[8, 4096, 16], help="B,T,H of the kernel benchmark")
     p.add_argument("--kernel-versions", type=csv(int), default=[7, 6], help="WKV versions to time (comma list)")
+    p.add_argument("--kernel-ops", type=csv(str), default=list(KERNEL_OPS),
+                   help="WKV implementations to time, same inputs, outputs compared with torch's (comma list of "
+                        "cuda: our kernels, torch: our PyTorch chunked forms, fla: flash-linear-attention's "
+                        "chunk_rwkv7 / chunk_rwkv6, skipped when not installed)")
+    p.add_argument("--rows", type=csv(str), default=None,
+                   help="training rows MODEL:METHOD:GRAD_CP to run in this order, at each --ctx and --micro-bsz, "
+                        "instead of the --models x --grad-cp x --methods grid (e.g. 0.1B:lora:0,1.5B:bone:1)")
     p.add_argument("--repeats", type=int, default=10, help="timed repeats per kernel measurement")
     p.add_argument("--skip-train", action="store_true", help="only the kernel benchmark")
     p.add_argument("--skip-kernel", action="store_true", help="only the training rows")
@@ -108,7 +121,29 @@ def parse_args(argv=None):
             p.error(f"unknown method {m}; choose from {', '.join(METHODS)}")
     if len(args.kernel_shape) != 3:
         p.error("--kernel-shape is B,T,H")
+    for op in args.kernel_ops:
+        if op not in KERNEL_OPS:
+            p.error(f"unknown kernel op {op}; choose from {', '.join(KERNEL_OPS)}")
+    if args.rows is not None:
+        args.rows = [parse_row(p, text) for text in args.rows]
     return args
+
+
+def parse_row(p, text: str) -> tuple[str, str, int]:
+    """'1.5B:bone:1' -> ('1.5B', 'bone', 1), or an argparse error naming what is wrong."""
+    parts = text.split(":")
+    if len(parts) != 3 or parts[0] not in MODELS or parts[1] not in METHODS or parts[2] not in ("0", "1"):
+        p.error(f"--rows entry {text!r} is not MODEL:METHOD:GRAD_CP with MODEL in {', '.join(MODELS)}, "
+                f"METHOD in {', '.join(METHODS)}, GRAD_CP 0 or 1")
+    return parts[0], parts[1], int(parts[2])
+
+
+def training_plan(args) -> list[tuple[str, int, int, int, str]]:
+    """(model, ctx, micro batch, grad cp, method) for every training row, in run order."""
+    if args.rows is not None:
+        return [(m, ctx, mb, cp, meth) for m, meth, cp in args.rows for ctx in args.ctx for mb in args.micro_bsz]
+    return [(m, ctx, mb, cp, meth) for m in args.models for ctx in args.ctx for mb in args.micro_bsz
+            for cp in args.grad_cp for meth in args.methods]
 
 
 # ----------------------------------------------------------------------------------------
@@ -137,7 +172,7 @@ class Results:
         keys = self.TRAIN_KEY if kind == "train" else self.KERNEL_KEY
         key = tuple(row.get(k) for k in keys)
         self.data[kind] = [r for r in self.data[kind] if tuple(r.get(k) for k in keys) != key] + [row]
-        self.new[kind].append(row)
+        self.new[kind] = [r for r in self.new[kind] if tuple(r.get(k) for k in keys) != key] + [row]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.data, indent=1))
@@ -281,21 +316,66 @@ def train_row(deepspeed, args, model_name, ctx, mb, grad_cp, method, device) -> 
 
 
 def kernel_inputs(version, B, T, H, N, device, seed):
+    """Model-like inputs in the model's dtypes (bf16, w fp32; RWKV-6's u bf16) and an fp32 state."""
     g = torch.Generator(device=device).manual_seed(seed)
 
     def randn(scale=1.0):
         return torch.randn(B, T, H, N, generator=g, device=device) * scale
 
     r, k, v = randn(0.5), randn(0.5), randn()
+    state = torch.randn(B, H, N, N, generator=g, device=device) * 0.3
     if version == 7:
         w = -F.softplus(-(randn(2.0) - 1.0)) - 0.5
         kk = F.normalize(randn(), dim=-1)
         a, b = -kk, kk * torch.sigmoid(randn())
         low = [r, k, v, a, b]
-        return [low[0].bfloat16(), w, *(x.bfloat16() for x in low[1:])]
+        return [low[0].bfloat16(), w, *(x.bfloat16() for x in low[1:])], state
     w = torch.rand(B, T, H, N, generator=g, device=device) * 7 - 6
     u = torch.randn(H, N, generator=g, device=device) * 0.5
-    return [r.bfloat16(), w, k.bfloat16(), v.bfloat16(), u.bfloat16()]
+    return [r.bfloat16(), w, k.bfloat16(), v.bfloat16(), u.bfloat16()], state
+
+
+# flash-linear-attention's RWKV-7 layer guarantees log-decays in [-exp(-0.5), 0), as our w <= -0.5
+# does, and calls chunk_rwkv7 with these settings (its fastest path); we call it the same way.
+FLA_RWKV7_SETTINGS = {"safe_gate": True, "lower_bound": -0.6065306597126334, "chunk_size": 64}
+
+
+def fla_wkv7(r, w, k, v, a, b, state):
+    """flash-linear-attention's chunk_rwkv7 on our inputs: it takes the log decay (ours is
+    log d = -exp(w)), in the working dtype as its RWKV7 layer passes it, and a [key, value]
+    state (ours is [value, key])."""
+    from fla.ops.rwkv7 import chunk_rwkv7
+
+    y, s = chunk_rwkv7(r, (-torch.exp(w)).to(r.dtype), k, v, a, b, scale=1.0,
+                       initial_state=state.transpose(-1, -2).contiguous(), output_final_state=True,
+                       **FLA_RWKV7_SETTINGS)
+    return y, s.transpose(-1, -2)
+
+
+def fla_wkv6(r, w, k, v, u, state):
+    """flash-linear-attention's chunk_rwkv6 on our inputs: log decay -exp(w) in the working
+    dtype (as its RWKV6 layer), no 1/sqrt(N) scale; its state is [key, value] like ours."""
+    from fla.ops.rwkv6 import chunk_rwkv6
+
+    return chunk_rwkv6(r, k, v, (-torch.exp(w)).to(r.dtype), u, scale=1.0, initial_state=state,
+                       output_final_state=True)
+
+
+KERNEL_OPS = {  # op: (RWKV-7 function, RWKV-6 function), each (inputs..., state) -> (y, final state)
+    "cuda": (wkv_cuda.wkv7_cuda, wkv_cuda.wkv6_cuda),
+    "torch": (wkv_torch.wkv7_chunked, wkv_torch.wkv6_chunked),
+    "fla": (fla_wkv7, fla_wkv6),
+}
+
+
+def fla_missing() -> str | None:
+    """Why flash-linear-attention cannot be timed here (None when it can)."""
+    try:
+        import fla.ops.rwkv6  # noqa: F401
+        import fla.ops.rwkv7  # noqa: F401
+    except Exception as e:  # not installed, or triton / transformers missing
+        return f"flash-linear-attention not importable ({type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''})"
+    return None
 
 
 def time_cuda(fn, repeats, warmup=2) -> float:
@@ -313,43 +393,81 @@ def time_cuda(fn, repeats, warmup=2) -> float:
     return statistics.median(times)
 
 
-def kernel_row(version, op, args, device) -> dict:
+def relative_error(x, ref) -> float:
+    return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+def kernel_rows(version, ops, args, device, record=lambda row: None) -> list[dict]:
+    """Time each op on the same inputs (forward; forward+backward from random gradients on y
+    and the final state), then compare every op's y, final state and input gradients with
+    the PyTorch chunked op's (fp32 inside: the most accurate of the three). record(row) is
+    called as soon as a row is timed, and again once it has its comparison, so that a run
+    cut short (a slow Triton autotune, a time limit) keeps what it measured."""
     B, T, H = args.kernel_shape
-    row = {"version": version, "op": op, "B": B, "T": T, "H": H, "N": HEAD, "gpu": torch.cuda.get_device_name(device)}
-    if op == "cuda":
-        fn = wkv_cuda.wkv7_cuda if version == 7 else wkv_cuda.wkv6_cuda
-    else:
-        fn = wkv_torch.wkv7_chunked if version == 7 else wkv_torch.wkv6_chunked
-    try:
-        inputs = kernel_inputs(version, B, T, H, HEAD, device, args.seed)
-        leaves = [x.clone().requires_grad_() for x in inputs]
-        gy = torch.randn(B, T, H, HEAD, device=device, dtype=torch.bfloat16)
+    gpu = torch.cuda.get_device_name(device)
+    inputs, state = kernel_inputs(version, B, T, H, HEAD, device, args.seed)
+    g = torch.Generator(device=device).manual_seed(args.seed + 1)
+    gy = torch.randn(B, T, H, HEAD, generator=g, device=device).bfloat16()
+    gs = torch.randn(B, H, HEAD, HEAD, generator=g, device=device)
+    names = ("y", "state", *("d" + n for n in ("rwkvab" if version == 7 else "rwkvu")), "ds0")
+    rows, outputs = [], {}
+    for op in ops:
+        row = {"version": version, "op": op, "B": B, "T": T, "H": H, "N": HEAD, "gpu": gpu}
+        fn = KERNEL_OPS[op][0 if version == 7 else 1]
+        missing = fla_missing() if op == "fla" else None
+        if missing:
+            rows.append({**row, "status": f"skipped: {missing}"})
+            record(rows[-1])
+            continue
+        leaves = [x.clone().requires_grad_() for x in (*inputs, state)]
 
         def forward():
             with torch.no_grad():
-                fn(*inputs)
+                fn(*inputs, state)
 
         def forward_backward():
             for x in leaves:
                 x.grad = None
-            y, state = fn(*leaves)
-            torch.autograd.backward([y, state], [gy, torch.ones_like(state)])
+            y, s = fn(*leaves)
+            torch.autograd.backward([y, s], [gy.to(y.dtype), gs])
 
-        row["fwd_ms"] = round(time_cuda(forward, args.repeats), 3)
-        _free_memory()
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        row["fwd_bwd_ms"] = round(time_cuda(forward_backward, args.repeats), 3)
-        row["fwd_bwd_peak_mb"] = round((torch.cuda.max_memory_allocated(device) - base) / 2**20, 1)
-        row["status"] = "ok"
-    except torch.cuda.OutOfMemoryError:
-        row["status"] = "OOM"
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        row["status"] = f"error: {type(e).__name__}: {first[:200]}"
-    finally:
-        _free_memory()
-    return row
+        try:
+            t0 = time.perf_counter()
+            forward()  # the first call builds (CUDA) or compiles and autotunes (Triton)
+            forward_backward()
+            torch.cuda.synchronize(device)
+            row["first_call_s"] = round(time.perf_counter() - t0, 2)
+            row["fwd_ms"] = round(time_cuda(forward, args.repeats), 3)
+            _free_memory()
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            row["fwd_bwd_ms"] = round(time_cuda(forward_backward, args.repeats), 3)
+            row["fwd_bwd_peak_mb"] = round((torch.cuda.max_memory_allocated(device) - base) / 2**20, 1)
+            with torch.no_grad():
+                y, s = fn(*leaves)
+            outputs[op] = [y, s, *(x.grad for x in leaves)]
+            row["status"] = "ok"
+        except torch.cuda.OutOfMemoryError:
+            row["status"] = "OOM"
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            row["status"] = f"error: {type(e).__name__}: {first[:200]}"
+        finally:
+            del leaves
+            _free_memory()
+        rows.append(row)
+        record(row)
+    if "torch" in outputs:  # agreement with the PyTorch chunked op, same inputs
+        for row in rows:
+            if row["op"] != "torch" and row["op"] in outputs:
+                errs = {n: relative_error(x, ref) for n, x, ref in zip(names, outputs[row["op"]], outputs["torch"])}
+                worst = max(errs, key=lambda n: errs[n] if errs[n] == errs[n] else float("inf"))
+                row["rel_err_vs_torch"] = {n: float(f"{e:.3g}") for n, e in errs.items()}
+                row["worst_vs_torch"] = f"{worst} {errs[worst]:.1e}"
+                record(row)
+    del outputs
+    _free_memory()
+    return rows
 
 
 # ----------------------------------------------------------------------------------------
@@ -374,7 +492,8 @@ TRAIN_COLUMNS = [("model", "model"), ("ctx", "ctx"), ("micro bsz", "micro_bsz"),
                  ("method", "method"), ("trainable", "trainable"), ("tokens/s", "tokens_per_s"),
                  ("step ms", "step_ms"), ("peak MB", "peak_mb"), ("status", "status")]
 KERNEL_COLUMNS = [("WKV", "version"), ("op", "op"), ("B", "B"), ("T", "T"), ("H", "H"), ("fwd ms", "fwd_ms"),
-                  ("fwd+bwd ms", "fwd_bwd_ms"), ("fwd+bwd peak MB", "fwd_bwd_peak_mb"), ("status", "status")]
+                  ("fwd+bwd ms", "fwd_bwd_ms"), ("fwd+bwd peak MB", "fwd_bwd_peak_mb"),
+                  ("worst rel. diff vs torch", "worst_vs_torch"), ("status", "status")]
 
 
 def main(argv=None) -> int:
@@ -393,9 +512,12 @@ def main(argv=None) -> int:
         return bool(args.time_budget) and time.perf_counter() - t_start > args.time_budget
 
     t0 = time.perf_counter()
-    reason = wkv_cuda.cuda_unavailable_reason(device)  # builds the extension on first use
-    print(f"CUDA WKV kernels: {'ready' if reason is None else 'UNAVAILABLE: ' + reason} "
-          f"({time.perf_counter() - t0:.1f} s)")
+    # builds the extension on first use, then self-tests each version's kernel
+    reasons = {v: wkv_cuda.cuda_unavailable_reason(device, HEAD, v) for v in (7, 6)}
+    for v, reason in reasons.items():
+        print(f"CUDA WKV-{v} kernel: {'ready' if reason is None else 'UNAVAILABLE: ' + reason}")
+    print(f"(build and self-tests: {time.perf_counter() - t0:.1f} s)")
+    reason = reasons[7]
     if reason is not None and args.op == "cuda" and not args.skip_train:
         print("training rows need the CUDA op: fix the above or pass --op torch")
         return 1
@@ -403,16 +525,15 @@ def main(argv=None) -> int:
 
     if not args.skip_kernel:
         for version in args.kernel_versions:
-            for op in ("cuda", "torch"):
-                if op == "cuda" and reason is not None:
-                    continue
-                if out_of_time():
-                    skipped.append(f"kernel WKV-{version} {op}")
-                    continue
-                row = kernel_row(version, op, args, device)
-                results.add("kernel", row)
-                print(f"  WKV-{version} {op:5s}: fwd {row.get('fwd_ms', '-')} ms, fwd+bwd {row.get('fwd_bwd_ms', '-')} "
-                      f"ms, peak {row.get('fwd_bwd_peak_mb', '-')} MB [{row['status']}]", flush=True)
+            if out_of_time():
+                skipped.append(f"kernels WKV-{version}")
+                continue
+            ops = [op for op in args.kernel_ops if not (op == "cuda" and reasons.get(version) is not None)]
+            for row in kernel_rows(version, ops, args, device, record=functools.partial(results.add, "kernel")):
+                print(f"  WKV-{version} {row['op']:5s}: fwd {row.get('fwd_ms', '-')} ms, fwd+bwd "
+                      f"{row.get('fwd_bwd_ms', '-')} ms, peak {row.get('fwd_bwd_peak_mb', '-')} MB, first call "
+                      f"{row.get('first_call_s', '-')} s, worst vs torch {row.get('worst_vs_torch', '-')} "
+                      f"[{row['status']}]", flush=True)
 
     if not args.skip_train:
         from rwkv_peft.train.engine import import_deepspeed, set_launcher_env
@@ -427,21 +548,17 @@ def main(argv=None) -> int:
         wkv_torch.set_op(args.op)
         print(f"WKV op in the model: {args.op}")
         try:
-            for model_name in args.models:
-                for ctx in args.ctx:
-                    for mb in args.micro_bsz:
-                        for grad_cp in args.grad_cp:
-                            for method in args.methods:
-                                label = f"{model_name} ctx{ctx} mb{mb} cp{grad_cp} {method}"
-                                if out_of_time():
-                                    skipped.append(label)
-                                    continue
-                                t0 = time.perf_counter()
-                                row = train_row(deepspeed, args, model_name, ctx, mb, grad_cp, method, device)
-                                results.add("train", row)
-                                print(f"  {label}: {row.get('tokens_per_s', '-')} tok/s, peak "
-                                      f"{row.get('peak_mb', '-')} MB, trainable {row.get('trainable', 0):,} "
-                                      f"[{row['status']}] ({time.perf_counter() - t0:.0f} s)", flush=True)
+            for model_name, ctx, mb, grad_cp, method in training_plan(args):
+                label = f"{model_name} ctx{ctx} mb{mb} cp{grad_cp} {method}"
+                if out_of_time():
+                    skipped.append(label)
+                    continue
+                t0 = time.perf_counter()
+                row = train_row(deepspeed, args, model_name, ctx, mb, grad_cp, method, device)
+                results.add("train", row)
+                print(f"  {label}: {row.get('tokens_per_s', '-')} tok/s, peak {row.get('peak_mb', '-')} MB, "
+                      f"trainable {row.get('trainable', 0):,} [{row['status']}] ({time.perf_counter() - t0:.0f} s)",
+                      flush=True)
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()

@@ -428,6 +428,48 @@ def test_emulated_checkpoint_memory_only_with_grad(emulated, monkeypatch):
     assert calls == [False, True]
 
 
+class _FaultyExtension:
+    """The emulated kernels with one planted fault: output `index` of binding `name` off by 1%."""
+
+    def __init__(self, ext, name, index):
+        self.ext, self.name, self.index = ext, name, index
+
+    def __getattr__(self, name):
+        binding = getattr(self.ext, name)
+        if name != self.name:
+            return binding
+
+        def faulty(*args):
+            outs = binding(*args)
+            outs[self.index] = outs[self.index] * 1.01
+            return outs
+
+        return faulty
+
+
+@pytest.mark.parametrize("version", [7, 6])
+def test_self_test_passes_the_emulated_kernels(emulated, monkeypatch, version):
+    """The start-up self-test, through the same path as on a GPU (load_extension, then the
+    autograd wrappers), accepts the real kernel code (head size 16: emulating 64 threads per
+    block takes half a minute)."""
+    monkeypatch.setattr(wkv_cuda, "load_extension", lambda head_size, device: emulated[16])
+    assert wkv_cuda._check_kernel(torch.device("cpu"), 16, version) is None
+
+
+@pytest.mark.parametrize("version,binding,index,expected", [
+    (7, "wkv7_backward", 1, "dw"),
+    (7, "wkv7_backward", 6, "ds0"),
+    (6, "wkv6_forward", 1, "final state (no grad)"),
+])
+def test_self_test_catches_a_faulty_extension(emulated, monkeypatch, version, binding, index, expected):
+    faulty = _FaultyExtension(emulated[16], binding, index)
+    monkeypatch.setattr(wkv_cuda, "load_extension", lambda head_size, device: faulty)
+    reason = wkv_cuda._check_kernel(torch.device("cpu"), 16, version)
+    assert reason is not None and "\n" not in reason
+    assert reason.startswith(f"RWKV-{version} kernel self-test failed on cpu (float32, head size 16): "), reason
+    assert expected in reason.split(" chunked path in ")[1].split(" (worst")[0].split(", "), reason
+
+
 def test_cuda_unavailable_reason_is_one_line():
     reason = wkv_cuda.cuda_unavailable_reason()
     if torch.cuda.is_available():

@@ -3,8 +3,9 @@
 Against the float64 sequential references of rwkv_peft.model.wkv: outputs, final states
 and the gradient of every input (the initial state and RWKV-6's u included), for several
 B, H, T (T = 1, T not a multiple of the 16-step chunk, long T), with and without an
-initial state, in fp32 and bf16; then whole models (random official-layout checkpoints)
-with the CUDA op against the PyTorch op: logits and adapter gradients.
+initial state, in fp32 and bf16; the start-up self-test, on the real kernels and on a
+planted wrong one; then whole models (random official-layout checkpoints) with the CUDA op against the
+PyTorch op: logits and adapter gradients.
 
 Skipped without a CUDA device. On a GPU machine a build failure fails the tests (only a
 missing nvcc or ninja skips them): a broken kernel must not pass as "skipped".
@@ -189,6 +190,14 @@ def test_unavailable_reason_for_other_devices():
     assert "head size" in wkv_cuda.cuda_unavailable_reason(head_size=96)
 
 
+def test_self_test_passes_on_this_gpu():
+    """The start-up self-test (rwkv_peft/model/wkv_self_test.py) accepts both kernels here."""
+    for version in (7, 6):
+        assert wkv_cuda.cuda_unavailable_reason(version=version) is None
+    for head_size in (32, 128):
+        assert wkv_cuda._check_kernel(torch.device(DEV, torch.cuda.current_device()), head_size, 7) is None
+
+
 # ----------------------------------------------------------------------------------------
 # Whole models: the CUDA op against the PyTorch op
 # ----------------------------------------------------------------------------------------
@@ -261,3 +270,48 @@ def test_model_rnn_mode_with_cuda_op(version):
         a, state = model(tokens[:, :20], state)
         b, state = model(tokens[:, 20:], state)
     torch.testing.assert_close(torch.cat([a, b], 1), whole, rtol=1e-4, atol=1e-4)
+
+
+def test_a_wrong_kernel_is_caught_once_and_the_model_falls_back(monkeypatch, capsys):
+    """A kernel that builds but computes wrong results (planted: the forward output 1% off) fails
+    the self-test at its first use; --op auto then runs the PyTorch path with one warning line,
+    and --op cuda stops with the reason."""
+    from rwkv_peft.errors import RWKVPeftError
+
+    real = wkv_cuda.load_extension(64)
+
+    class Faulty:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def wkv7_forward(self, *args):
+            outs = real.wkv7_forward(*args)
+            outs[0] = outs[0] * 1.01
+            return outs
+
+    checks = []
+
+    def counted_self_test(*args):
+        checks.append(args[1:])
+        return self_test(*args)
+
+    self_test = wkv_cuda.self_test
+    monkeypatch.setattr(wkv_cuda, "self_test", counted_self_test)
+    monkeypatch.setattr(wkv_cuda, "load_extension", lambda head_size, device=None: Faulty())
+    monkeypatch.setattr(wkv_cuda, "_reasons", {})
+    wkv._warn_fallback.cache_clear()
+    model = _model(7, torch.float32).eval()
+    tokens = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(6)).to(DEV)
+    with torch.no_grad(), _wkv_op("auto"):
+        first, second = model(tokens), model(tokens)
+    with torch.no_grad(), _wkv_op("torch"):
+        reference = model(tokens)
+    assert torch.equal(first, reference) and torch.equal(second, reference)
+    assert len(checks) == 1  # once per device and version, not per layer or call
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: WKV CUDA kernel not used: RWKV-7 kernel self-test "
+                                                   "failed"), lines
+    assert "y (no grad)" in lines[0]
+    with torch.no_grad(), _wkv_op("cuda"), pytest.raises(RWKVPeftError, match="self-test failed"):
+        model(tokens)
+    wkv._warn_fallback.cache_clear()

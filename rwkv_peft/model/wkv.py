@@ -26,6 +26,7 @@ Conventions (batch first, heads split):
 from __future__ import annotations
 
 import functools
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -356,7 +357,7 @@ def _wkv7_chunked_core(r, w, k, v, a, b, S, L, dt) -> tuple[Tensor, Tensor]:
 def wkv7(r, w, k, v, a, b, state=None) -> tuple[Tensor, Tensor]:
     """RWKV-7 WKV: the CUDA kernel for GPU tensors when it is usable (see set_op), else
     chunked (one token, as in generation: the plain step, which skips the chunk setup)."""
-    if _use_cuda(r):
+    if _use_cuda(r, version=7):
         from .wkv_cuda import wkv7_cuda
 
         return wkv7_cuda(r, w, k, v, a, b, state)
@@ -490,7 +491,7 @@ def _wkv6_chunked_core(r, w, k, v, u, S, L, dt) -> tuple[Tensor, Tensor]:
 def wkv6(r, w, k, v, u, state=None) -> tuple[Tensor, Tensor]:
     """RWKV-6 WKV: the CUDA kernel for GPU tensors when it is usable (see set_op), else
     chunked (one token, as in generation: the plain step, which skips the chunk setup)."""
-    if _use_cuda(r):
+    if _use_cuda(r, version=6):
         from .wkv_cuda import wkv6_cuda
 
         return wkv6_cuda(r, w, k, v, u, state)
@@ -508,8 +509,9 @@ _op = "auto"  # process-wide, set once at start-up by the trainer (--op) or by t
 
 
 def set_op(name: str) -> None:
-    """'auto': the CUDA kernel for GPU tensors when it builds, else PyTorch (with one warning
-    naming the cause); 'cuda': the kernel or an error; 'torch': always the PyTorch forms."""
+    """'auto': the CUDA kernel for GPU tensors when it builds and passes its start-up self-test,
+    else PyTorch (with one warning line naming the cause); 'cuda': the kernel or an error;
+    'torch': always the PyTorch forms."""
     global _op
     if name not in OPS:
         raise ValueError(f"WKV op must be one of {', '.join(OPS)}, got {name!r}")
@@ -520,14 +522,7 @@ def get_op() -> str:
     return _op
 
 
-@functools.lru_cache(maxsize=None)
-def _warn_fallback(reason: str) -> None:
-    import warnings
-
-    warnings.warn(f"WKV CUDA kernel unavailable ({reason}); using the PyTorch implementation", stacklevel=3)
-
-
-def _use_cuda(r: Tensor) -> bool:
+def _use_cuda(r: Tensor, version: int) -> bool:
     if _op == "torch" or r.dtype == torch.float64:
         return False
     if r.device.type != "cuda":
@@ -538,7 +533,12 @@ def _use_cuda(r: Tensor) -> bool:
         return False
     from .wkv_cuda import cuda_unavailable_reason
 
-    reason = cuda_unavailable_reason(r.device, r.shape[-1])
+    return _kernel_accepted(cuda_unavailable_reason(r.device, r.shape[-1], version))
+
+
+def _kernel_accepted(reason: str | None) -> bool:
+    """True when there is no reason against the kernel; else fall back with one warning line
+    (--op auto) or stop (--op cuda)."""
     if reason is None:
         return True
     if _op == "cuda":
@@ -547,3 +547,10 @@ def _use_cuda(r: Tensor) -> bool:
         raise RWKVPeftError(f"--op cuda: the WKV CUDA kernel cannot be used: {reason}")
     _warn_fallback(reason)
     return False
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_fallback(reason: str) -> None:
+    """One line on stderr, once per distinct reason."""
+    print(f"warning: WKV CUDA kernel not used: {reason}. Going on with the PyTorch chunked path "
+          f"(same results, slower); train.py --op torch skips the kernel", file=sys.stderr, flush=True)

@@ -24,11 +24,15 @@ time it is needed, once per GPU architecture, head size and source hash, into
 ``RWKV_PEFT_CUDA_VERBOSE=1`` to see the build.
 
 :func:`cuda_unavailable_reason` says, in one line, why the kernels cannot serve tensors on
-a device (or None when they can); callers use it to fall back to the PyTorch forms.
+a device (or None when they can); callers use it to fall back to the PyTorch forms. Before
+it says None for a device, the kernel has passed a self-test there against the PyTorch
+chunked path (rwkv_peft/model/wkv_self_test.py): a kernel that builds but computes wrong
+results on some GPU is caught at start-up instead of training garbage.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -44,6 +48,7 @@ from torch import Tensor
 
 from ..assets import CUDA_DIR
 from .wkv import _check_shapes, _check_state, _check_u
+from .wkv_self_test import self_test
 
 __all__ = ["HEAD_SIZES", "CHUNK_LEN", "load_extension", "cuda_unavailable_reason", "wkv7_cuda", "wkv6_cuda"]
 
@@ -187,10 +192,12 @@ def _first_error_line(exc: BaseException) -> str:
     return (lines[0] if lines else type(exc).__name__)[:300]
 
 
-def cuda_unavailable_reason(device=None, head_size: int = 64) -> str | None:
-    """None when the CUDA kernels can run for tensors on device (default: the current CUDA
-    device) with this head size; otherwise one line naming the cause. The first call per
-    (device, head size) may compile the extension (a minute or two); results are cached."""
+def cuda_unavailable_reason(device=None, head_size: int = 64, version: int = 7) -> str | None:
+    """None when the RWKV-``version`` CUDA kernel can serve tensors on device (default: the
+    current CUDA device) with this head size; otherwise one line naming the cause and what to
+    do. The first call per (device, head size, version) builds the extension (a minute or two,
+    then seconds from the disk cache) and runs its self-test (rwkv_peft.model.wkv_self_test);
+    the answer is kept for the rest of the process."""
     if torch.version.cuda is None:
         build = "ROCm" if getattr(torch.version, "hip", None) else "CPU-only"
         return f"torch {torch.__version__} is a {build} build without CUDA"
@@ -199,14 +206,15 @@ def cuda_unavailable_reason(device=None, head_size: int = 64) -> str | None:
     device = _device(device)
     if device.type != "cuda":
         return f"tensors are on {device}, not on a CUDA device"
-    key = (device.index, head_size)
+    key = (device.index, head_size, version)
     with _lock:
         if key not in _reasons:
-            _reasons[key] = _diagnose(device, head_size)
+            _reasons[key] = _toolchain_reason(device, head_size) or _check_kernel(device, head_size, version)
         return _reasons[key]
 
 
-def _diagnose(device: torch.device, head_size: int) -> str | None:
+def _toolchain_reason(device: torch.device, head_size: int) -> str | None:
+    """Why the extension cannot be built for device, found without building it (or None)."""
     if head_size not in HEAD_SIZES:
         return f"head size {head_size} not compiled (WKV CUDA kernels exist for head sizes {HEAD_SIZES})"
     major, minor = torch.cuda.get_device_capability(device)
@@ -223,17 +231,19 @@ def _diagnose(device: torch.device, head_size: int) -> str | None:
         return f"nvcc is CUDA {release} but torch was built with CUDA {torch.version.cuda} (major versions must match)"
     if supported is not None and not any(a <= 10 * major + minor for a in supported):
         return f"unsupported arch: {name} is sm_{major}{minor}, nvcc {release} compiles for sm_{min(supported)} and up"
+    return None
+
+
+def _check_kernel(device: torch.device, head_size: int, version: int) -> str | None:
+    """Build (or load) the extension for device, then self-test the version's kernel on it."""
     try:
         ext = load_extension(head_size, device)
     except Exception as e:  # compiler or linker failure: report its first error line
-        return f"CUDA extension build failed: {_first_error_line(e)}"
-    try:  # a tiny launch: catches a kernel image the driver cannot run
-        x = torch.zeros(1, 1, 1, head_size, device=device)
-        ext.wkv7_forward(x, x, x, x, x, x, None, False, torch.cuda.current_stream(device).cuda_stream)
-        torch.cuda.synchronize(device)
-    except Exception as e:
-        return f"CUDA kernel launch failed on {name} (sm_{major}{minor}): {_first_error_line(e)}"
-    return None
+        return (f"CUDA extension build failed: {_first_error_line(e)} "
+                f"(RWKV_PEFT_CUDA_VERBOSE=1 shows the whole build)")
+    kernel = functools.partial(_wkv7 if version == 7 else _wkv6, ext)
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        return self_test(kernel, version, head_size, device)
 
 
 # ----------------------------------------------------------------------------------------

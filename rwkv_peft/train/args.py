@@ -91,8 +91,9 @@ class TrainArgs:
     skip_nonfinite: int = opt(0, "micro batches with a non-finite loss that may be skipped before the run "
                                  "stops (0: stop at the first)")
     grad_cp: int = opt(0, "1: gradient checkpointing per block (less memory, ~30%% more compute)", choices=(0, 1))
-    op: str = opt("auto", "WKV implementation: auto (the CUDA kernel on GPUs when it builds, else PyTorch), "
-                          "cuda, or torch", choices=("auto", "cuda", "torch"))
+    op: str = opt("auto", "WKV implementation: auto (the CUDA kernel on GPUs when it builds and passes its "
+                          "start-up self-test, else PyTorch with one warning line), cuda (the kernel or an error), "
+                          "or torch", choices=("auto", "cuda", "torch"))
     strategy: str = opt("deepspeed_stage_1", "DeepSpeed ZeRO strategy", choices=STRATEGIES)
     deepspeed_config: str | None = opt(None, "your own DeepSpeed JSON; it wins over the flags it sets")
     random_seed: int = opt(42, "seed for initialisation, data order and dropout")

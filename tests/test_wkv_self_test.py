@@ -1,0 +1,179 @@
+"""The start-up self-test of the WKV CUDA kernel (rwkv_peft/model/wkv_self_test.py) and the
+fallback decision around it (rwkv_peft/model/wkv_cuda.py, wkv.py), on the CPU.
+
+Stand-ins for the kernel: the per-token loops of rwkv_peft.model.wkv (an implementation
+independent of the chunked form the self-test compares with) must pass; kernels with one
+planted fault each (built on the fast chunked form: the fault is what is tested) must fail
+with one line naming the fault. A failing build is injected through load_extension. tests/test_cuda_compile.py runs the self-test on the real
+kernel sources (host emulation); tests/test_wkv_cuda.py on a GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rwkv_peft.errors import RWKVPeftError
+from rwkv_peft.model import wkv, wkv_cuda
+from rwkv_peft.model.wkv import wkv6_chunked, wkv6_sequential, wkv7_chunked, wkv7_sequential
+from rwkv_peft.model.wkv_self_test import self_test
+
+SEQUENTIAL = {7: wkv7_sequential, 6: wkv6_sequential}
+
+
+@pytest.mark.parametrize("version", [7, 6])
+def test_a_correct_kernel_passes(version):
+    assert self_test(SEQUENTIAL[version], version, 16, "cpu") is None
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the gradient comes back scaled (a planted backward fault)."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.scale, None
+
+
+def _ignores_initial_state(*x):
+    return wkv7_chunked(*x[:-1], None)
+
+
+def _wrong_partial_chunk(*x):
+    y, s = wkv7_chunked(*x)
+    return torch.cat([y[:, :32], y[:, 32:] * 1.05], 1), s  # the steps after the second 16-step chunk
+
+
+def _wrong_grad_w(r, w, *rest):
+    return wkv7_chunked(r, _ScaleGrad.apply(w, 1.1), *rest)
+
+
+def _no_grad_to_state(*x):
+    return wkv7_chunked(*x[:-1], x[-1].detach())
+
+
+def _wrong_in_bf16_only(*x):
+    y, s = wkv7_chunked(*x)
+    return (y.flip(1) if y.dtype == torch.bfloat16 else y), s
+
+
+def _wrong_without_grad_only(*x):
+    y, s = wkv7_chunked(*x)
+    return (y if torch.is_grad_enabled() else y * 0.9), s
+
+
+def _nan_output(*x):
+    y, s = wkv7_chunked(*x)
+    y = y.clone()
+    y[0, 0, 0, 0] = float("nan")
+    return y, s
+
+
+def _crashes(*x):
+    raise RuntimeError("CUDA error: an illegal memory access was encountered\nCUDA kernel errors might be ...")
+
+
+@pytest.mark.parametrize("kernel,dtype,expected", [
+    (_ignores_initial_state, "float32", ["y (no grad)", "y", "ds0"]),
+    (_wrong_partial_chunk, "float32", ["y (no grad)", "y", "dr"]),
+    (_wrong_grad_w, "float32", ["dw"]),
+    (_no_grad_to_state, "float32", ["ds0"]),
+    (_wrong_in_bf16_only, "bfloat16", ["y (no grad)", "y"]),
+    (_wrong_without_grad_only, "float32", ["y (no grad)"]),
+    (_nan_output, "float32", ["y (no grad)", "y"]),
+], ids=lambda x: getattr(x, "__name__", "")[1:] or None)
+def test_a_wrong_kernel_is_caught_in_one_line(kernel, dtype, expected):
+    reason = self_test(kernel, 7, 16, "cpu")
+    assert reason is not None and "\n" not in reason
+    head = f"RWKV-7 kernel self-test failed on cpu ({dtype}, head size 16): "
+    assert reason.startswith(head), reason
+    assert reason[len(head):].startswith("differs from the PyTorch chunked path in "), reason
+    wrong = reason.split(" chunked path in ")[1].split(" (worst")[0].split(", ")
+    assert set(expected) <= set(wrong), reason
+    if kernel in (_wrong_grad_w, _no_grad_to_state, _wrong_without_grad_only):
+        assert wrong == expected, reason  # only the planted fault
+
+
+def test_a_crashing_kernel_is_caught_in_one_line():
+    reason = self_test(_crashes, 7, 16, "cpu")
+    assert reason == ("RWKV-7 kernel self-test failed on cpu (float32): RuntimeError: CUDA error: an illegal memory "
+                      "access was encountered; run `python -m pytest tests/test_wkv_cuda.py` for details")
+
+
+def test_rwkv6_state_fault_is_caught():
+    reason = self_test(lambda *x: wkv6_chunked(*x[:-1], None), 6, 16, "cpu")
+    assert reason is not None and reason.startswith("RWKV-6 kernel self-test failed")
+
+
+def test_first_use_inside_inference_mode_leaves_rng_and_modes_alone():
+    """Chat and evaluation make their first WKV call under inference mode or no_grad."""
+    rng = torch.get_rng_state()
+    with torch.inference_mode():
+        assert self_test(wkv7_chunked, 7, 16, "cpu") is None
+        assert torch.is_inference_mode_enabled() and not torch.is_grad_enabled()
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+@pytest.mark.parametrize("kernel,passes", [(wkv7_chunked, True), (_wrong_grad_w, False)],
+                         ids=["correct", "wrong"])
+def test_first_use_inside_an_activation_checkpoint(kernel, passes):
+    """With --grad_cp 1 the first WKV call runs inside a block under non-reentrant activation
+    checkpointing: the self-test must neither trip its saved-tensor hooks nor disturb the
+    block's backward."""
+    from torch.utils.checkpoint import checkpoint
+
+    reasons = []
+
+    def block(x):
+        if not reasons:  # as in wkv_cuda: once, not again in the recomputation
+            reasons.append(self_test(kernel, 7, 16, "cpu"))
+        return (x * 2).sin()
+
+    x = torch.linspace(-1, 1, 5, requires_grad=True)
+    checkpoint(block, x, use_reentrant=False).sum().backward()
+    assert (reasons[0] is None) == passes
+    torch.testing.assert_close(x.grad, 2 * torch.cos(2 * x.detach()))
+
+
+def test_a_failing_build_is_reported_with_its_error_line(monkeypatch):
+    def failing_build(head_size, device):
+        raise RuntimeError("Error building extension 'rwkv_peft_wkv_sm90_n64':\n[1/3] nvcc -c wkv7.cu\n"
+                           "cuda/wkv7.cu(12): error: identifier \"foo\" is undefined\nninja: build stopped")
+
+    monkeypatch.setattr(wkv_cuda, "load_extension", failing_build)
+    reason = wkv_cuda._check_kernel(torch.device("cpu"), 64, 7)
+    assert reason == ('CUDA extension build failed: cuda/wkv7.cu(12): error: identifier "foo" is undefined '
+                      "(RWKV_PEFT_CUDA_VERBOSE=1 shows the whole build)")
+
+
+@pytest.fixture
+def op():
+    previous = wkv.get_op()
+    wkv._warn_fallback.cache_clear()
+    yield wkv.set_op
+    wkv.set_op(previous)
+    wkv._warn_fallback.cache_clear()
+
+
+def test_auto_falls_back_with_one_warning_line_once(op, capsys):
+    op("auto")
+    reason = "RWKV-7 kernel self-test failed on cuda:0 (X): dw is off by 3.0e-01"
+    assert wkv._kernel_accepted(reason) is False
+    assert wkv._kernel_accepted(reason) is False
+    assert wkv._kernel_accepted(None) is True
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: WKV CUDA kernel not used: " + reason)
+    assert "PyTorch chunked path" in lines[0] and "--op torch" in lines[0]
+
+
+def test_op_cuda_stops_with_the_reason(op, capsys):
+    op("cuda")
+    with pytest.raises(RWKVPeftError, match="--op cuda: the WKV CUDA kernel cannot be used: .*dw is off"):
+        wkv._kernel_accepted("RWKV-7 kernel self-test failed on cuda:0 (X): dw is off by 3.0e-01")
+    assert capsys.readouterr().err == ""
