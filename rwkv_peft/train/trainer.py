@@ -29,6 +29,7 @@ from .args import LR_INIT, TrainArgs
 from .checkpoint import find_checkpoint, load_checkpoint, newest_run, save_checkpoint
 from .engine import (deepspeed_config, device_for_rank, import_deepspeed, make_optimizer, optimizer_offloaded,
                      set_launcher_env, weights_only_load)
+from .long_context import chunked_loss
 from .loss import masked_loss
 from .schedule import learning_rate
 
@@ -307,8 +308,11 @@ def _train(args: TrainArgs, run: dict, deepspeed) -> dict:
                 first = ((step * args.accumulate_grad_batches + micro) * world + rank) * args.micro_bsz
                 batch = data.batch(list(range(first, first + args.micro_bsz)))
                 torch.manual_seed(args.random_seed + first)  # dropout: a function of the sample index
-                logits = engine(batch["input_ids"].to(device))
-                loss = masked_loss(logits, batch["targets"].to(device), batch["loss_mask"].to(device))
+                inputs, targets, mask = (batch[k].to(device) for k in ("input_ids", "targets", "loss_mask"))
+                if args.chunk_ctx:
+                    loss = chunked_loss(engine, inputs, targets, mask, args.chunk_ctx, detach=args.chunk_detach)
+                else:
+                    loss = masked_loss(engine(inputs), targets, mask)
                 finite = torch.isfinite(loss.detach()).float()
                 if world > 1:
                     dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank takes the same decision
