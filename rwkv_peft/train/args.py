@@ -75,8 +75,8 @@ class TrainArgs:
     grad_cp: int = opt(0, "1: gradient checkpointing per block (less memory, ~30%% more compute)", choices=(0, 1))
     chunk_ctx: int = opt(0, "long-context training: run each sample as pieces of N tokens carrying the RNN state, "
                             "with exact gradients; activation memory is one piece's (0: off)")
-    chunk_detach: bool = opt(False, "with --chunk_ctx: cut the gradient at piece boundaries (truncated BPTT: "
-                                    "cheaper, not exact)")
+    chunk_detach: bool = opt(False, "with --chunk_ctx: cut the gradient at piece boundaries (truncated BPTT, as "
+                                    "RWKV-PEFT's infctx; not exact)")
     op: str = opt("auto", "WKV implementation: auto (the CUDA kernel on GPUs when it builds, else PyTorch), "
                           "cuda, or torch", choices=("auto", "cuda", "torch"))
     strategy: str = opt("deepspeed_stage_1", "DeepSpeed ZeRO strategy", choices=STRATEGIES)

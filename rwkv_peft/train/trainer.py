@@ -289,9 +289,10 @@ def _train(args: TrainArgs, run: dict, deepspeed) -> dict:
                                                  "samples": step * global_batch}, args.keep_last)
 
     tokens_per_step = global_batch * args.ctx_len
+    pieces = f"in pieces of {args.chunk_ctx} tokens; " if args.chunk_ctx else ""
     log(f"\ntraining {total_steps} steps of {global_batch} x {args.ctx_len} tokens on {world} "
         f"{device.type} process(es), ZeRO stage {config['zero_optimization']['stage']}, {args.precision}; "
-        f"writing to {proj_dir}")
+        f"{pieces}writing to {proj_dir}")
     from tqdm import tqdm
 
     bar = tqdm(total=total_steps, initial=step, disable=not main, unit="step", dynamic_ncols=True)
