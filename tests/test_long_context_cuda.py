@@ -7,37 +7,17 @@ Skipped without a CUDA device (and, like tests/test_wkv_cuda.py, without nvcc or
 
 from __future__ import annotations
 
-import contextlib
 import json
 
 import pytest
 import torch
 
-from rwkv_peft.model import wkv, wkv_cuda
+from test_wkv_cuda import _wkv_op as wkv_op
+from test_wkv_cuda import kernels  # noqa: F401 - the module's autouse fixture: build the kernels or skip
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 DEV = "cuda"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def kernels():
-    reason = wkv_cuda.cuda_unavailable_reason()
-    if reason is None:
-        return
-    if reason.startswith(("nvcc not found", "ninja not found")):
-        pytest.skip(reason)
-    pytest.fail(f"a CUDA device is present but the WKV kernels are unavailable: {reason}")
-
-
-@contextlib.contextmanager
-def wkv_op(name):
-    previous = wkv.get_op()
-    wkv.set_op(name)
-    try:
-        yield
-    finally:
-        wkv.set_op(previous)
 
 
 def loss_and_grads(version, op, chunk_ctx):
