@@ -189,7 +189,6 @@ def test_rwkv_peft_pissa_merges_with_its_init_file(tmp_path, capsys):
 
     sd = make_base(7)
     g = torch.Generator().manual_seed(3)
-    C = sd["emb.weight"].shape[1]
     modules = ["blocks.0.att.key", "blocks.1.ffn.value"]
     adapter, init, ref = {}, {}, dict(sd)
     for m in modules:

@@ -91,6 +91,10 @@ class TrainArgs:
     skip_nonfinite: int = opt(0, "micro batches with a non-finite loss that may be skipped before the run "
                                  "stops (0: stop at the first)")
     grad_cp: int = opt(0, "1: gradient checkpointing per block (less memory, ~30%% more compute)", choices=(0, 1))
+    chunk_ctx: int = opt(0, "long-context training: run each sample as pieces of N tokens carrying the RNN state, "
+                            "with exact gradients; activation memory is one piece's (0: off)")
+    chunk_detach: bool = opt(False, "with --chunk_ctx: cut the gradient at piece boundaries (truncated BPTT, as "
+                                    "RWKV-PEFT's infctx; not exact)")
     op: str = opt("auto", "WKV implementation: auto (the CUDA kernel on GPUs when it builds and passes its "
                           "start-up self-test, else PyTorch with one warning line), cuda (the kernel or an error), "
                           "or torch", choices=("auto", "cuda", "torch"))
@@ -174,6 +178,11 @@ def check_args(args: TrainArgs) -> None:
     for name in ("lora_r", "pissa_r", "bone_r", "bat_r"):
         if getattr(args, name) <= 0:
             raise RWKVPeftError(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.chunk_ctx < 0 or args.chunk_ctx > args.ctx_len:
+        raise RWKVPeftError(f"--chunk_ctx must be between 1 and --ctx_len ({args.ctx_len}), or 0 for off; "
+                            f"got {args.chunk_ctx}")
+    if args.chunk_detach and not args.chunk_ctx:
+        raise RWKVPeftError("--chunk_detach needs --chunk_ctx N: it cuts the gradient between pieces of N tokens")
     if (args.n_layer > 0) != (args.n_embd > 0):
         raise RWKVPeftError("training from scratch needs both --n_layer and --n_embd")
     has_val = bool(args.val_file or args.val_split)

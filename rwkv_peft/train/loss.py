@@ -14,17 +14,19 @@ class L2Wrap(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, loss, logits):
+    def forward(ctx, loss, logits, positions=None):
+        """positions: B*T of the whole batch when logits hold only a piece of it (long context)."""
         ctx.save_for_backward(logits)
+        ctx.positions = positions or logits.shape[0] * logits.shape[1]
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
         (logits,) = ctx.saved_tensors
-        factor = 1e-4 / (logits.shape[0] * logits.shape[1])
+        factor = 1e-4 / ctx.positions
         maxx, ids = torch.max(logits, -1, keepdim=True)
         glogits = torch.zeros_like(logits).scatter_(-1, ids, maxx * factor)
-        return grad_output, glogits
+        return grad_output, glogits, None
 
 
 def masked_ce_sum(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,3 +40,11 @@ def masked_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor)
     """Mean cross entropy over the positions whose target counts (mask 1), for backward."""
     total, count = masked_ce_sum(logits, targets, mask)
     return L2Wrap.apply(total / count.clamp(min=1.0), logits)
+
+
+def masked_ce_sum_of_piece(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                           positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """masked_ce_sum of one piece of a batch of `positions` B*T positions, carrying the L2
+    nudge that masked_loss gives these logits in the whole batch."""
+    total, count = masked_ce_sum(logits, targets, mask)
+    return L2Wrap.apply(total, logits, positions), count

@@ -31,6 +31,7 @@ from .checkpoint import find_checkpoint, load_checkpoint, newest_run, save_check
 from .engine import (deepspeed_config, device_for_rank, import_deepspeed, make_optimizer, optimizer_offloaded,
                      quiet_known_notices, set_launcher_env, weights_only_load)
 from .interrupt import StopRequest, survive_lost_output
+from .long_context import chunked_loss
 from .loss import masked_loss
 from .report import Report, plot_losses, require_backends
 from .schedule import learning_rate
@@ -310,9 +311,10 @@ def _train(args: TrainArgs, run: dict, deepspeed) -> dict:
     report = Report(metrics_path, args.report_to, asdict(args), enabled=main)
 
     tokens_per_step = global_batch * args.ctx_len
+    pieces = f"in pieces of {args.chunk_ctx} tokens; " if args.chunk_ctx else ""
     log(f"\ntraining {total_steps} steps of {global_batch} x {args.ctx_len} tokens on {world} "
         f"{device.type} process(es), ZeRO stage {config['zero_optimization']['stage']}, {args.precision}; "
-        f"writing to {proj_dir}")
+        f"{pieces}writing to {proj_dir}")
     from tqdm import tqdm
 
     bar = tqdm(total=total_steps, initial=step, disable=not main, unit="step", dynamic_ncols=True)
@@ -329,8 +331,11 @@ def _train(args: TrainArgs, run: dict, deepspeed) -> dict:
                 first = ((step * args.accumulate_grad_batches + micro) * world + rank) * args.micro_bsz
                 batch = data.batch(list(range(first, first + args.micro_bsz)))
                 torch.manual_seed(args.random_seed + first)  # dropout: a function of the sample index
-                logits = engine(batch["input_ids"].to(device))
-                loss = masked_loss(logits, batch["targets"].to(device), batch["loss_mask"].to(device))
+                inputs, targets, mask = (batch[k].to(device) for k in ("input_ids", "targets", "loss_mask"))
+                if args.chunk_ctx:
+                    loss = chunked_loss(engine, inputs, targets, mask, args.chunk_ctx, detach=args.chunk_detach)
+                else:
+                    loss = masked_loss(engine(inputs), targets, mask)
                 finite = torch.isfinite(loss.detach()).float()
                 if world > 1:
                     dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank takes the same decision
