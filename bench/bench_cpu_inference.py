@@ -17,7 +17,6 @@ torch.profiler table (self CPU time) of our decode steps and of our prefill.
 from __future__ import annotations
 
 import argparse
-import faulthandler
 import os
 import statistics
 import sys
@@ -44,12 +43,12 @@ def timed(fn) -> float:
 
 
 def main():
-    faulthandler.dump_traceback_later(100, exit=True)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", type=int, choices=(6, 7), default=7)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--prompt", type=int, default=512, help="prefill length in tokens (default 512)")
     p.add_argument("--decode", type=int, default=32, help="decode steps per repetition (default 32)")
+    p.add_argument("--threads", type=int, help="torch threads for both runtimes (default: torch's)")
     p.add_argument("--profile", action="store_true", help="also print where our decode and prefill spend time")
     args = p.parse_args()
 
@@ -59,8 +58,12 @@ def main():
     import torch
     from rwkv.model import RWKV as OfficialRWKV
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
     from rwkv_peft import load_model
     from rwkv_peft.generate import prefill
+    from rwkv_peft.model.decode import MatVec
 
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, 65536, (args.prompt,), generator=g).tolist()
@@ -107,8 +110,31 @@ def main():
     pref = official_prefill()[0]
     agree["prefill"] = float((ours_prefill()[0] - pref).abs().max() / pref.abs().max())
 
+    # Floors: the weight products alone. Prefill: every linear layer on a [prompt, C] input
+    # (the head on one row, as last_only does); decode: every weight read once by a
+    # matrix-vector product in the Decoder's layouts.
+    linears = [m for name, m in ours.named_modules() if isinstance(m, torch.nn.Linear) and name != "head"]
+    inputs = {m.in_features: torch.randn(args.prompt, m.in_features) for m in linears}
+
+    @torch.inference_mode()
+    def prefill_matmuls():
+        for m in linears:
+            inputs[m.in_features] @ m.weight.t()
+        ours.head(inputs[ours.config.n_embd][-1:])
+
+    @torch.inference_mode()
+    def decode_matvecs():
+        for _ in steps:
+            for lay in decoder.layers:
+                for mv in lay.values():
+                    if isinstance(mv, MatVec):
+                        mv(inputs[mv.weight.shape[1 - mv.transposed]][0])
+            decoder.head(inputs[ours.config.n_embd][0])
+
     cases = {"prefill ours": ours_prefill, "prefill official": official_prefill, "decode ours": ours_decode,
-             "decode ours (sequence forward)": ours_sequence_decode, "decode official": official_decode}
+             "decode ours (sequence forward)": ours_sequence_decode, "decode official": official_decode,
+             "prefill floor: weight products only": prefill_matmuls,
+             "decode floor: weight products only": decode_matvecs}
     times = {name: [] for name in cases}
     load_before = os.getloadavg()[0]
     for _ in range(args.reps):

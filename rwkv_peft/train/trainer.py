@@ -307,8 +307,10 @@ def _train(args: TrainArgs, run: dict, deepspeed) -> dict:
                 first = ((step * args.accumulate_grad_batches + micro) * world + rank) * args.micro_bsz
                 batch = data.batch(list(range(first, first + args.micro_bsz)))
                 torch.manual_seed(args.random_seed + first)  # dropout: a function of the sample index
-                logits = engine(batch["input_ids"].to(device))
-                loss = masked_loss(logits, batch["targets"].to(device), batch["loss_mask"].to(device))
+                # no name for the logits: only the loss's graph holds them, so backward frees them
+                # instead of a variable keeping 128 MB (ctx 512, V 65536) through the next forward
+                loss = masked_loss(engine(batch["input_ids"].to(device)), batch["targets"].to(device),
+                                   batch["loss_mask"].to(device))
                 finite = torch.isfinite(loss.detach()).float()
                 if world > 1:
                     dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank takes the same decision
