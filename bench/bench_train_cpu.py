@@ -30,6 +30,18 @@ METHODS = {"bone": ["--peft", "bone", "--bone_r", "64"], "bat": ["--peft", "bat"
            "pissa": ["--peft", "pissa", "--pissa_r", "32"], "full": ["--peft", "none"]}
 
 
+def write_workspace(work: Path, layers: int, width: int, dims: tuple, records: int, words: int) -> None:
+    """base.pth (a random official-layout RWKV-7, World vocabulary) and text.jsonl in work."""
+    sd = rwkv7_state_dict(n_layer=layers, n_embd=width, head_size=64, vocab=65536, seed=0, dims=dims)
+    torch.save(sd, work / "base.pth")
+    vocab = "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches".split()
+    g = torch.Generator().manual_seed(0)
+    with open(work / "text.jsonl", "w") as f:
+        for _ in range(records):
+            ids = torch.randint(0, len(vocab), (words,), generator=g).tolist()
+            f.write(json.dumps({"text": " ".join(vocab[i] for i in ids)}) + "\n")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=12)
@@ -43,15 +55,7 @@ def main():
 
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     try:
-        sd = rwkv7_state_dict(n_layer=args.layers, n_embd=args.width, head_size=64, vocab=65536, seed=0,
-                              dims=(32, 32, 32, 64))
-        torch.save(sd, work / "base.pth")
-        words = "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches".split()
-        g = torch.Generator().manual_seed(0)
-        with open(work / "text.jsonl", "w") as f:
-            for _ in range(400):
-                ids = torch.randint(0, len(words), (200,), generator=g).tolist()
-                f.write(json.dumps({"text": " ".join(words[i] for i in ids)}) + "\n")
+        write_workspace(work, args.layers, args.width, dims=(32, 32, 32, 64), records=400, words=200)
 
         results = {m: None for m in METHODS}
         for _ in range(args.rounds):

@@ -95,6 +95,7 @@ class Chat:
         from .data.datasets import CHAT_ASSISTANT, chat_segments
         from .generate import prefill
 
+        self.decoder = model.decoder()  # its weight copies, built once for the whole conversation
         self.model, self.tokenizer, self.sampling, self.args, self.generator = (
             model, tokenizer, sampling, args, generator)
         self._assistant, self._segments = CHAT_ASSISTANT, chat_segments
@@ -117,7 +118,7 @@ class Chat:
             text = "\n\n" + text
         gen = generate(self.model, self.tokenizer, self.tokenizer.encode(text), self.state,
                        max_tokens=self.args.max_tokens, stop=("\n\n",), sampling=self.sampling,
-                       generator=self.generator)
+                       generator=self.generator, decoder=self.decoder)
         self.last = None
         yield from gen  # a KeyboardInterrupt here leaves the state as it was before this turn
         self.last = gen.result

@@ -124,11 +124,12 @@ def task_score(model, tokenizer, items: list[dict], max_tokens: int) -> dict:
     from .generate import Sampling, generate_text
 
     greedy = Sampling(temperature=0.0)
+    decoder = model.decoder()  # its weight copies, built once for every item
     hits = exact = 0
     replies = []
     for item in items:
         reply = generate_text(model, tokenizer, item["prompt_ids"], None, max_tokens=max_tokens,
-                              stop=("\n\n",), sampling=greedy).text.strip()
+                              stop=("\n\n",), sampling=greedy, decoder=decoder).text.strip()
         is_exact = reply == item["expected"]
         hit = item["answer"].lower() in reply.lower() if item["answer"] is not None else is_exact
         hits += hit

@@ -23,7 +23,10 @@ same text on CPU and GPU whenever the logits agree.
 Generation feeds every sampled token back into the model (so the returned state holds the
 whole reply, its closing "\\n\\n" included) except the end-of-text token, and stops at
 end-of-text, at a stop string (text from the stop string on is not yielded), or after
-max_tokens. The prompt is fed in chunks of `chunk_len` tokens with last_only=True.
+max_tokens. The prompt is fed in chunks of `chunk_len` tokens with last_only=True; each
+generated token goes through the one-token Decoder (rwkv_peft/model/decode.py), whose
+weight copies a caller that generates many times builds once (model.decoder()) and passes
+as `decoder=`.
 """
 
 from __future__ import annotations
@@ -242,37 +245,40 @@ class _Generation:
 def generate(model, tokenizer, prompt_ids: Sequence[int], state=None, max_tokens: int = 200,
              stop: Sequence[str] = ("\n\n",), sampling: Sampling | None = None,
              generator: torch.Generator | None = None, chunk_len: int = 256, eos_id: int | None = None,
-             **sampling_kw) -> _Generation:
+             decoder=None, **sampling_kw) -> _Generation:
     """Stream a continuation of prompt_ids (after `state`, or from the zero state).
 
     Returns an iterator of decoded text pieces; when it is exhausted (or after a plain
     `for` loop) its `.result` is the GenerationResult, whose `.state` has consumed the
     prompt and every generated token except end-of-text. `sampling` (a Sampling) or its
     fields as keywords (temperature=..., top_p=..., ...) choose how tokens are drawn. The
-    state passed in is not modified.
+    state passed in is not modified. decoder: a model.decoder() to reuse across calls (a new one
+    is built when it is missing or the model's weights changed since it was built).
     """
     if sampling is None:
         sampling = Sampling(**sampling_kw)
     elif sampling_kw:
         raise TypeError("pass either sampling= or its fields as keywords, not both")
     return _Generation(_generate(model, tokenizer, list(prompt_ids), state, max_tokens, tuple(stop or ()),
-                                 sampling, generator, chunk_len, eos_id))
+                                 sampling, generator, chunk_len, eos_id, decoder))
 
 
 @torch.inference_mode()  # on a generator: entered around each step of it, left at every yield
-def _generate(model, tokenizer, prompt_ids, state, max_tokens, stops, sampling, generator, chunk_len, eos_id):
+def _generate(model, tokenizer, prompt_ids, state, max_tokens, stops, sampling, generator, chunk_len, eos_id,
+              decoder):
     eos = tokenizer.eos_id if eos_id is None else eos_id
-    device = model.emb.weight.device
+    if decoder is None or decoder.model is not model or not decoder.is_current():
+        decoder = model.decoder()
     result = GenerationResult(prompt_tokens=len(prompt_ids))
     t0 = time.perf_counter()
     if not prompt_ids:  # a state alone has no logits to sample from
         raise ValueError("generate needs at least one prompt token")
-    logits, state = prefill(model, prompt_ids, state, chunk_len)
+    logits, state = prefill(model, prompt_ids, state, chunk_len)  # a new state: updated in place below
     result.prefill_s = time.perf_counter() - t0
     result.state = state
 
     penalties = Penalties(sampling.presence_penalty, sampling.frequency_penalty, sampling.penalty_decay)
-    decoder = StreamDecoder(tokenizer)
+    text_decoder = StreamDecoder(tokenizer)
     text = ""      # all decoded text so far
     emitted = 0    # how much of it has been yielded
     t1 = time.perf_counter()
@@ -285,10 +291,9 @@ def _generate(model, tokenizer, prompt_ids, state, max_tokens, stops, sampling, 
                 break
             penalties.update(token)
             result.tokens.append(token)
-            out, state = model(torch.tensor([[token]], dtype=torch.long, device=device), state)
-            logits = out[0, -1]
+            logits, state = decoder.step(token, state)
             result.state = state
-            text += decoder.push(token)
+            text += text_decoder.push(token)
             cut = min((i for i in (text.find(s, max(0, emitted - len(s))) for s in stops) if i >= 0),
                       default=-1)
             if cut >= 0:
@@ -302,7 +307,7 @@ def _generate(model, tokenizer, prompt_ids, state, max_tokens, stops, sampling, 
         else:
             result.stop_reason = "length"
         if result.stop_reason != "stop":
-            text += decoder.flush()
+            text += text_decoder.flush()
         if len(text) > emitted:
             yield text[emitted:]
             emitted = len(text)

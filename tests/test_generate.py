@@ -141,6 +141,13 @@ class ScriptedModel(torch.nn.Module):
         T = 1 if last_only else tokens.shape[1]
         return logits.expand(1, T, V), state
 
+    def decoder(self):
+        return self  # generation's one-token steps go through forward too
+
+    def step(self, token, state):
+        logits, state = self(torch.tensor([[token]]), state)
+        return logits[0, -1], state
+
 
 def run(model, prompt=(8, 9), tok=None, **kw):
     model.prompt_len = len(prompt)

@@ -33,3 +33,27 @@ def test_masked_loss_of_an_all_masked_batch_is_zero_not_nan():
     loss = masked_loss(logits, torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 3))
     loss.backward()
     assert loss.item() == 0.0 and torch.isfinite(logits.grad).all()
+
+
+def test_sliced_loss_equals_the_whole_tensor_computation_bit_for_bit():
+    """Several slices of positions (ROWS_PER_SLICE) and a partial last one, fp32 and bf16: the
+    value and gradient are exactly those of F.cross_entropy and the L2 nudge on the whole tensor."""
+    from rwkv_peft.train.loss import ROWS_PER_SLICE
+
+    g = torch.Generator().manual_seed(1)
+    B, T, V = 2, ROWS_PER_SLICE + 37, 300
+    targets = torch.randint(0, V, (B, T), generator=g)
+    mask = (torch.rand(B, T, generator=g) > 0.3).float()
+    for dtype in (torch.float32, torch.bfloat16):
+        x = (torch.randn(B, T, V, generator=g) * 3).to(dtype)
+        logits = x.clone().requires_grad_()
+        masked_loss(logits, targets, mask).backward()
+
+        whole = x.clone().requires_grad_()
+        ce = torch.nn.functional.cross_entropy(whole.float().flatten(0, 1), targets.flatten(), reduction="none")
+        expected = (ce * mask.flatten()).sum() / mask.sum()
+        expected.backward()
+        top, ids = torch.max(x, -1, keepdim=True)
+        nudge = torch.zeros_like(x).scatter_(-1, ids, top * (1e-4 / (B * T)))
+        assert torch.equal(masked_loss(x, targets, mask), expected.detach())
+        assert torch.equal(logits.grad, whole.grad + nudge)

@@ -29,6 +29,16 @@ def step_by_step(model, tokens):
     return torch.stack(out, dim=1), state
 
 
+def decoder_steps(model, tokens):
+    """Logits [T, V] of generation's one-token Decoder fed tokens [T] one at a time."""
+    decoder, state = model.decoder(), model.zero_state(1)
+    out = []
+    for t in tokens.tolist():
+        logits, state = decoder.step(t, state)
+        out.append(logits)
+    return torch.stack(out), state
+
+
 TOKENS = torch.randint(0, 97, (1, T), generator=torch.Generator().manual_seed(0))
 
 
@@ -55,8 +65,11 @@ def test_logits_match_official_runtime(case, official_logits):
     with torch.no_grad():
         full = model(TOKENS)[0]
         steps = step_by_step(model, TOKENS)[0][0]
+    decoded = decoder_steps(model, TOKENS[0])[0]
     assert rel_err(full, ref["full"]) <= 1e-5
     assert rel_err(steps, ref["steps"]) <= 1e-5
+    for t in range(T):  # the decoder, token by token
+        assert rel_err(decoded[t], ref["steps"][t]) <= 1e-5, f"token {t}"
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -72,7 +85,12 @@ def test_state_carry_pieces_equal_whole(case):
             pieces.append(logits)
         pieces = torch.cat(pieces, dim=1)
         stepped, _ = step_by_step(model, tokens)
+        decoded, decoded_state = decoder_steps(model, tokens[1])
     assert rel_err(pieces, whole) <= 1e-5
+    assert rel_err(decoded, whole[1]) <= 1e-5
+    for a, b in zip((decoded_state.att_shift, decoded_state.wkv, decoded_state.ffn_shift),
+                    (whole_state.att_shift[:, 1:], whole_state.wkv[:, 1:], whole_state.ffn_shift[:, 1:])):
+        assert rel_err(a, b) <= 1e-5
     assert rel_err(stepped, whole) <= 1e-5
     for a, b in zip((state.att_shift, state.wkv, state.ffn_shift),
                     (whole_state.att_shift, whole_state.wkv, whole_state.ffn_shift)):
@@ -91,7 +109,9 @@ def test_bf16_within_bf16_tolerance_of_fp32(case):
         model = load_model(sd, dtype=torch.bfloat16)
         out = model(tokens)
         stepped, state = step_by_step(model, tokens[:, :8])
+        decoded, _ = decoder_steps(model, tokens[0, :8])
     assert out.dtype == torch.bfloat16
+    assert rel_err(decoded.float(), ref[0, :8]) < 5e-2
     assert state.wkv.dtype == torch.float32
     assert rel_err(out.float(), ref) < 5e-2
     assert rel_err(stepped.float(), ref[:, :8]) < 5e-2

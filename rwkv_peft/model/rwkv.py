@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .common import RWKVState
 from .config import RWKVConfig
+from .decode import Decoder
 from .rwkv6 import ChannelMix6, TimeMix6
 from .rwkv7 import ChannelMix7, TimeMix7
 
@@ -67,6 +68,11 @@ class RWKV(nn.Module):
                 wkv[i] = block.att.initial_wkv_state(batch_size)
         shift = torch.zeros(L, batch_size, C, device=ref.device, dtype=ref.dtype)
         return RWKVState(shift, wkv, shift.clone())
+
+    def decoder(self):
+        """A one-token RNN-mode Decoder for generation (rwkv_peft/model/decode.py): faster than
+        forward() on one token; it keeps copies of some weights, so build one per session."""
+        return Decoder(self)
 
     def forward(self, tokens: torch.Tensor, state: RWKVState | None = None, *, last_only: bool = False):
         """tokens [B, T] -> logits [B, T, V]; with a state, (logits, new_state).
