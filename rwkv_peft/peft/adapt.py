@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from ..errors import RWKVPeftError
 from ..model.rwkv import RWKV
+from ..model.time_state import add_time_state
 from .methods import METHODS, PeftMethod, make_method
 
 DEFAULT_TARGETS = {
@@ -27,7 +28,7 @@ DEFAULT_TARGETS = {
     6: ("att.receptance", "att.key", "att.value", "att.output", "att.gate",
         "ffn.key", "ffn.value", "ffn.receptance"),
 }
-TRAIN_PARTS = ("ln", "time", "emb", "head")
+TRAIN_PARTS = ("ln", "time", "emb", "head", "state")
 
 
 class AdaptedLinear(nn.Module):
@@ -174,11 +175,15 @@ def plan_adapters(model: RWKV, rules: list[Rule], default: tuple[str, dict] | No
 
 
 def part_parameters(model: RWKV, parts: list[str] | tuple[str, ...]) -> dict[str, nn.Parameter]:
-    """The whole-tensor groups --train_parts unfreezes, by official key."""
+    """The whole-tensor groups --train_parts unfreezes, by official key ('state' first gives
+    every layer a learned initial state, see model/time_state.py)."""
     chosen = {}
     for part in parts:
         if part not in TRAIN_PARTS:
             raise RWKVPeftError(f"--train_parts: unknown part '{part}'; choose from {', '.join(TRAIN_PARTS)}")
+        if part == "state":
+            chosen.update(add_time_state(model))
+            continue
         for mod_name, module in model.named_modules():
             if part == "ln" and isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
                 params = module.named_parameters()
@@ -189,7 +194,8 @@ def part_parameters(model: RWKV, parts: list[str] | tuple[str, ...]) -> dict[str
             else:
                 continue
             for pname, p in params:
-                chosen[f"{mod_name}.{pname}"] = p
+                if pname != "time_state":  # the state is its own part
+                    chosen[f"{mod_name}.{pname}"] = p
     return chosen
 
 
