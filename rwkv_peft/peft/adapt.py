@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from ..errors import RWKVPeftError
 from ..model.rwkv import RWKV
-from ..model.time_state import add_time_state
+from ..model.time_state import add_time_state, is_state_key
 from .methods import METHODS, PeftMethod, make_method
 
 DEFAULT_TARGETS = {
@@ -240,9 +240,14 @@ def trainable_summary(model: RWKV, methods: dict[str, PeftMethod], parts: dict[s
     for (kind, mname, hp), blocks in sorted(groups.items(), key=lambda kv: (min(kv[1]), kv[0])):
         where = kind if blocks == [-1] else f"blocks.{_ranges(blocks)}.{kind}"
         rows.append((where, mname, hp, f"{counts[(kind, mname, hp)]:,}"))
-    if parts:
-        rows.append((f"{len(parts)} whole tensors (--train_parts)", "full", "",
-                     f"{sum(p.numel() for p in parts.values()):,}"))
+    states = {k: p for k, p in parts.items() if is_state_key(k)}
+    if states:
+        layers = [int(k.split(".")[1]) for k in states]
+        rows.append((f"blocks.{_ranges(layers)}.att.time_state", "state", "initial WKV state",
+                     f"{sum(p.numel() for p in states.values()):,}"))
+    if len(parts) > len(states):
+        rows.append((f"{len(parts) - len(states)} whole tensors (--train_parts)", "full", "",
+                     f"{sum(p.numel() for k, p in parts.items() if k not in states):,}"))
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
