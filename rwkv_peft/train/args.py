@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, fields
 from ..errors import RWKVPeftError
 
 LR_INIT = 1e-4  # --lr_init when none is given, except on the embedded demo (trainer.DEMO_LR)
-STATE_LR = 1e-2  # --state_lr when none is given: the state needs a far higher rate than weights (README)
+STATE_LR = 1.0  # --state_lr when none is given: the state needs a far higher rate than weights (README)
 STRATEGIES = ("deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_2_offload",
               "deepspeed_stage_3", "deepspeed_stage_3_offload")
 
