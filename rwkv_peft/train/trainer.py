@@ -23,6 +23,7 @@ from ..data.tokenizer import check_fits_model, load_tokenizer, tokenizer_for
 from ..errors import RWKVPeftError
 from ..io import atomic_write, check_writable_dir, save_checkpoint_file
 from ..model import RWKVConfig, create_model, load_model
+from ..model.time_state import add_time_state
 from ..model.wkv import set_op as set_wkv_op
 from ..peft.adapt import parse_rules, plan_adapters, prepare_peft, trainable_summary
 from ..peft.adapter_file import describe_base, save_adapter
@@ -191,6 +192,8 @@ def _prepare(args: TrainArgs, main: bool, world: int) -> dict:
     # adapters on a new model: its random base is saved beside the run, for merge and chat
     base_path = args.load_model or proj_dir / f"base.{args.model_format}"
     if full:
+        if "state" in args.train_parts:  # every weight, and a learned initial state besides
+            add_time_state(model)
         methods, parts = {}, dict(model.named_parameters())
         for p in model.parameters():
             p.requires_grad_(True)
