@@ -3,6 +3,7 @@
     python demo/chat.py                                   # the newest out/**/merged.pth
     python demo/chat.py --model out/run-.../merged.pth    # a plain checkpoint
     python demo/chat.py --model demo/base.pth --adapter out/run-.../adapter.safetensors
+    python demo/chat.py --model demo/base.pth --state out/run-.../state.pth   # a tuned initial state
     python demo/chat.py --prompt "What is the capital of Varnholm?" --temperature 0
 
 In the chat: /reset starts the conversation again, /quit (or Ctrl-D) ends it, Ctrl-C stops
@@ -25,6 +26,8 @@ def parse_args(argv=None, prog=None):
     p.add_argument("--model", help="RWKV checkpoint, .pth or .safetensors (default: the newest merged checkpoint "
                                    "under out/, else the base an --adapter was trained on, else the demo base)")
     p.add_argument("--adapter", help="adapter file to run unmerged on top of --model")
+    p.add_argument("--state", help="state file (blocks.<i>.att.time_state, from merge.py --state_only or "
+                                   "RWKV-PEFT's state tuning) to start every conversation from, on --model")
     add_foreign_adapter_flags(p)
     p.add_argument("--tokenizer", default="auto",
                    help="'world', a tokenizer.json, or auto (default): demo/tokenizer.json when the model's "
@@ -76,6 +79,8 @@ def choose_model(args, note) -> tuple[str, object]:
                if args.adapter else None)
     if args.model:
         return args.model, adapter
+    if args.state and adapter is None:
+        raise RWKVPeftError(f"--state {args.state} needs --model BASE.pth: the base the state was trained on")
     if adapter is not None:
         return recorded_base(adapter, args.adapter, "pass --model BASE.pth"), adapter
     merged = newest_merged()
@@ -149,7 +154,7 @@ def run(args) -> int:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
     path, adapter = choose_model(args, note)
     start = time.perf_counter()
-    model = load_model(path, adapter=adapter, dtype=dtype, device=device).eval()
+    model = load_model(path, adapter=adapter, state=args.state, dtype=dtype, device=device).eval()
     threads = set_threads(model, args.threads)
     cfg = model.config
     tokenizer = tokenizer_for(model.emb.weight.shape[0], args.tokenizer)
@@ -162,7 +167,8 @@ def run(args) -> int:
                         presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                         penalty_decay=args.penalty_decay)
     chat = Chat(model, tokenizer, sampling, args, generator)
-    what = f"{path}" + (f" + adapter {args.adapter}" if args.adapter else "")
+    what = f"{path}" + (f" + adapter {args.adapter}" if args.adapter else "") + (
+        f" + state {args.state}" if args.state else "")
     n_params = sum(p.numel() for p in model.parameters())
     where = f"{device} {dtype_name}" + (f", {threads} CPU thread(s)" if device == "cpu" else "")
     note(f"{what}: RWKV-{cfg.version}, {cfg.n_layer} layers x {cfg.n_embd}, vocab {cfg.vocab_size}, "

@@ -13,6 +13,7 @@ TRAIN_HELP = """Fine-tune an RWKV-7 or RWKV-6 model with LoRA, PiSSA, Bone or Ba
 
     python train.py --peft bone --bone_r 64          # the embedded demo: tiny base, chat data
     python train.py --load_model RWKV-x070-World-1.5B.pth --data_file my.jsonl --peft lora --lora_r 32
+    python train.py --peft none --train_parts state  # state tuning: only the initial state of every layer
     torchrun --nproc_per_node 4 train.py ...         # or: deepspeed train.py ...
 """
 
@@ -20,6 +21,7 @@ MERGE_HELP = """Fold a trained adapter into a plain RWKV checkpoint that any RWK
 
     python merge.py                                   # newest adapter under out/, its recorded base
     python merge.py --base base.pth --adapter out/adapter.safetensors --output merged.pth
+    python merge.py --state_only --adapter out/adapter.safetensors --output state.pth   # state tuning
 """
 
 
@@ -47,7 +49,7 @@ def train(argv=None, prog: str = "train.py") -> int:
 def merge(argv=None, prog: str = "merge.py") -> int:
     """The merge command (merge.py, rwkv-peft-merge)."""
     from .peft.adapter_file import add_foreign_adapter_flags
-    from .peft.merge import merge_files, newest_adapter
+    from .peft.merge import merge_files, newest_adapter, write_state_only
 
     p = argparse.ArgumentParser(prog=prog, description=MERGE_HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -59,17 +61,26 @@ def merge(argv=None, prog: str = "merge.py") -> int:
                                     "the adapter)")
     p.add_argument("--no_verify", action="store_true",
                    help="skip running base+adapter and merged on a probe sequence (needs two fp32 copies in RAM)")
+    p.add_argument("--state_only", action="store_true",
+                   help="write only the learned initial state (--train_parts state) as a state file (default: "
+                        "state.pth beside the adapter), to use beside the unchanged base: chat.py --state FILE")
     add_foreign_adapter_flags(p)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
     try:
         adapter = args.adapter or newest_adapter("out")
-        output = merge_files(args.base, adapter, args.output, verify=not args.no_verify,
-                             lora_alpha=args.lora_alpha, pissa_init=args.pissa_init)
+        if args.state_only:
+            output = write_state_only(adapter, args.output, args.base)
+        else:
+            output = merge_files(args.base, adapter, args.output, verify=not args.no_verify,
+                                 lora_alpha=args.lora_alpha, pissa_init=args.pissa_init)
     except RWKVPeftError as e:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"next: python demo/chat.py --model {output}")
+    if args.state_only:
+        print(f"next: python demo/chat.py --model {args.base or 'BASE.pth'} --state {output}")
+    else:
+        print(f"next: python demo/chat.py --model {output}")
     return 0

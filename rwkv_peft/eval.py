@@ -147,6 +147,8 @@ def adapter_info(model, adapter) -> tuple[str, int]:
 
     methods = [m for m in model.modules() if isinstance(m, PeftMethod)]
     labels = sorted({f"{m.name}:{m.r}" for m in methods})
+    if any(k.endswith(".att.time_state") for k in adapter.parts):
+        labels.append("state")
     n = sum(p.numel() for m in methods for p in m.parameters())
     n += sum(t.numel() for t in adapter.parts.values())
     return "+".join(labels) or "parts", n

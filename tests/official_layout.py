@@ -24,8 +24,8 @@ def _norm(sd, g, key, C):
 
 
 def rwkv7_state_dict(n_layer=3, n_embd=64, head_size=16, vocab=97, dims=(16, 12, 8, 20),
-                     block0_v=True, seed=0, dtype=torch.float32):
-    """dims = (D_decay, D_aaa, D_mv, D_gate)."""
+                     block0_v=True, time_state=False, seed=0, dtype=torch.float32):
+    """dims = (D_decay, D_aaa, D_mv, D_gate); time_state: add a random att.time_state [H, N, N]."""
     g = torch.Generator().manual_seed(seed)
     C, N, V = n_embd, head_size, vocab
     H, F = C // N, 4 * C
@@ -55,6 +55,8 @@ def rwkv7_state_dict(n_layer=3, n_embd=64, head_size=16, vocab=97, dims=(16, 12,
         sd[a + "k_k"] = _unif(g, 1, 1, C, lo=0.5, hi=1.0)
         sd[a + "k_a"] = _unif(g, 1, 1, C, lo=0.5, hi=1.5)
         sd[a + "r_k"] = _rand(g, H, N, scale=0.3)
+        if time_state:
+            sd[a + "time_state"] = _rand(g, H, N, N, scale=0.3)
         for name in ("receptance", "key", "value", "output"):
             sd[a + name + ".weight"] = _rand(g, C, C, scale=C ** -0.5)
         _norm(sd, g, a + "ln_x", C)

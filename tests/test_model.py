@@ -10,6 +10,7 @@ from rwkv_peft import RWKVPeftError, infer_config, load_model
 
 CASES = {
     "v7": (7, lambda: rwkv7_state_dict(seed=1)),
+    "v7-time-state": (7, lambda: rwkv7_state_dict(time_state=True, seed=5)),
     "v7-no-block0-v": (7, lambda: rwkv7_state_dict(block0_v=False, seed=2, dims=(8, 16, 4, 12))),
     "v6": (6, lambda: rwkv6_state_dict(seed=3)),
     "v6-time-state": (6, lambda: rwkv6_state_dict(time_state=True, seed=4)),

@@ -27,6 +27,8 @@ SETUPS = {  # name -> (version, default method, rules, train_parts)
               "blocks.0.*=none; blocks.*.att.key=lora:8,alpha=4; blocks.*.ffn.value=bat:32; "
               "blocks.2.att.output=pissa:4; head=lora:4", ("ln", "time")),
     "mixed-v6": (6, ("bat", {"r": 16}), "blocks.*.att.gate=bone:8; blocks.1.ffn.*=lora:4", ("ln", "time", "emb")),
+    "bone-state": (7, ("bone", {"r": 16}), "", ("state",)),  # state tuning beside an adapter
+    "state-v6": (6, None, "", ("state",)),  # state tuning alone
 }
 
 

@@ -37,7 +37,7 @@ class RWKVConfig:
     # RWKV-7 checkpoints may or may not carry the (unused) value-residual mixer in block 0;
     # we keep whatever the file had so that state_dict() keys equal the file's keys.
     block0_v_mix: bool = False
-    # RWKV-6 state-tuned checkpoints carry att.time_state, the initial WKV state.
+    # State-tuned checkpoints carry att.time_state [H, value, key], the learned initial WKV state.
     time_state: bool = False
 
     def __post_init__(self):
@@ -104,6 +104,7 @@ def infer_config(sd: Mapping[str, torch.Tensor]) -> RWKVConfig:
             d_mv=_shape(sd, v1_key)[1] if v1_key else 1,
             d_gate=_shape(sd, "blocks.0.att.g1")[1],
             block0_v_mix="blocks.0.att.v0" in sd,
+            time_state="blocks.0.att.time_state" in sd,
         )
 
     n_head = _shape(sd, "blocks.0.att.time_faaaa")[0]

@@ -11,6 +11,7 @@ from ..errors import RWKVPeftError
 from ..io import load_tensor_file
 from .config import RWKVConfig, infer_config
 from .rwkv import RWKV
+from .time_state import read_state_file, set_time_state
 
 
 def check_state_dict(sd: Mapping[str, torch.Tensor], model: RWKV, source: str = "checkpoint") -> None:
@@ -53,13 +54,15 @@ def build_model(config: RWKVConfig, sd: Mapping[str, torch.Tensor], *, dtype=Non
 
 
 def load_model(checkpoint: str | os.PathLike | Mapping[str, torch.Tensor], *, adapter=None,
-               dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> RWKV:
+               state: str | os.PathLike | None = None, dtype: torch.dtype | None = None,
+               device: str | torch.device = "cpu") -> RWKV:
     """Load an official RWKV-6 or RWKV-7 checkpoint (a .pth path or a state dict).
 
     Every size is inferred from tensor shapes. dtype=None keeps the checkpoint's dtype
     (official files are bf16); pass torch.float32 for exact CPU inference.
     adapter: an adapter file path (or a read `Adapter`) to attach unmerged; it must have
     been trained on this checkpoint.
+    state: a state file (blocks.<i>.att.time_state) to start from instead of the checkpoint's own.
     """
     if isinstance(checkpoint, Mapping):
         sd, source = checkpoint, "state dict"
@@ -81,5 +84,8 @@ def load_model(checkpoint: str | os.PathLike | Mapping[str, torch.Tensor], *, ad
                         copy=isinstance(checkpoint, Mapping))
     if adapter is not None:
         apply_adapter(model, adapter)
+    if state is not None:
+        states, recorded = read_state_file(state)
+        set_time_state(model, states, f"state file {state}", recorded)
     model.eval()
     return model

@@ -57,15 +57,15 @@ class RWKV(nn.Module):
         self.grad_checkpointing = False
 
     def zero_state(self, batch_size: int) -> RWKVState:
-        """The state before any token: zeros (or an RWKV-6 state-tuned file's time_state, not
-        detached: a pass that starts from it trains time_state as a whole-sequence pass does)."""
+        """The state before any token: zeros, with the learned initial WKV state (att.time_state)
+        where the model has one. Not detached: under autograd, time_state gets its gradient
+        through a state passed to forward, as through forward(tokens) alone."""
         cfg = self.config
         L, C, H, N = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.head_size
         ref = self.emb.weight
-        wkv = torch.zeros(L, batch_size, H, N, N, device=ref.device, dtype=torch.float32)
-        if cfg.version == 6 and cfg.time_state:
-            for i, block in enumerate(self.blocks):
-                wkv[i] = block.att.initial_wkv_state(batch_size)
+        zeros = torch.zeros(batch_size, H, N, N, device=ref.device, dtype=torch.float32)
+        learned = [block.att.initial_wkv_state(batch_size) for block in self.blocks]
+        wkv = torch.stack([zeros if s is None else s for s in learned])
         shift = torch.zeros(L, batch_size, C, device=ref.device, dtype=ref.dtype)
         return RWKVState(shift, wkv, shift.clone())
 

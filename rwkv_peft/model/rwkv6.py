@@ -37,7 +37,10 @@ class TimeMix6(nn.Module):
         self.ln_x = nn.GroupNorm(H, C, eps=64e-5)
 
     def initial_wkv_state(self, batch_size: int) -> torch.Tensor | None:
-        """The WKV state before the first token: time_state ([key, value] layout) or None (zeros)."""
+        """The WKV state before the first token: time_state, or None (zeros).
+
+        Files store it [value, key]; the RWKV-6 recurrence runs on [key, value].
+        """
         if not hasattr(self, "time_state"):
             return None
         return self.time_state.float().transpose(1, 2).expand(batch_size, -1, -1, -1)

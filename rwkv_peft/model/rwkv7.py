@@ -30,11 +30,19 @@ class TimeMix7(nn.Module):
         self.g1, self.g2 = matrix(C, cfg.d_gate), matrix(cfg.d_gate, C)
         self.k_k, self.k_a = vector(C), vector(C)
         self.r_k = matrix(H, N)
+        if cfg.time_state:  # state tuning: a learned initial WKV state, [H, value, key] as the recurrence
+            self.time_state = nn.Parameter(torch.empty(H, N, N))
         self.receptance = nn.Linear(C, C, bias=False)
         self.key = nn.Linear(C, C, bias=False)
         self.value = nn.Linear(C, C, bias=False)
         self.output = nn.Linear(C, C, bias=False)
         self.ln_x = nn.GroupNorm(H, C, eps=64e-5)
+
+    def initial_wkv_state(self, batch_size: int) -> torch.Tensor | None:
+        """The WKV state before the first token: time_state, or None (zeros)."""
+        if not hasattr(self, "time_state"):
+            return None
+        return self.time_state.float().expand(batch_size, -1, -1, -1)
 
     def forward(self, x, v_first, shift=None, wkv_state=None):
         """x [B, T, C] (normed block input) -> (out, last x, new wkv state, v_first)."""
@@ -64,6 +72,8 @@ class TimeMix7(nn.Module):
         kk = F.normalize(heads(k * self.k_k), dim=-1, p=2.0, eps=1e-12)
         k = k * (1 + (a - 1) * self.k_a)
 
+        if wkv_state is None:
+            wkv_state = self.initial_wkv_state(B)
         y, wkv_state = wkv7(heads(r), heads(w), heads(k), heads(v), -kk, kk * heads(a), wkv_state)
 
         y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)

@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from ..errors import RWKVPeftError
 from ..model.rwkv import RWKV
+from ..model.time_state import add_time_state, is_state_key
 from .methods import METHODS, PeftMethod, make_method
 
 DEFAULT_TARGETS = {
@@ -27,7 +28,7 @@ DEFAULT_TARGETS = {
     6: ("att.receptance", "att.key", "att.value", "att.output", "att.gate",
         "ffn.key", "ffn.value", "ffn.receptance"),
 }
-TRAIN_PARTS = ("ln", "time", "emb", "head")
+TRAIN_PARTS = ("ln", "time", "emb", "head", "state")
 
 
 class AdaptedLinear(nn.Module):
@@ -174,11 +175,15 @@ def plan_adapters(model: RWKV, rules: list[Rule], default: tuple[str, dict] | No
 
 
 def part_parameters(model: RWKV, parts: list[str] | tuple[str, ...]) -> dict[str, nn.Parameter]:
-    """The whole-tensor groups --train_parts unfreezes, by official key."""
+    """The whole-tensor groups --train_parts unfreezes, by official key ('state' first gives
+    every layer a learned initial state, see model/time_state.py)."""
     chosen = {}
     for part in parts:
         if part not in TRAIN_PARTS:
             raise RWKVPeftError(f"--train_parts: unknown part '{part}'; choose from {', '.join(TRAIN_PARTS)}")
+        if part == "state":
+            chosen.update(add_time_state(model))
+            continue
         for mod_name, module in model.named_modules():
             if part == "ln" and isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
                 params = module.named_parameters()
@@ -189,7 +194,8 @@ def part_parameters(model: RWKV, parts: list[str] | tuple[str, ...]) -> dict[str
             else:
                 continue
             for pname, p in params:
-                chosen[f"{mod_name}.{pname}"] = p
+                if pname != "time_state":  # the state is its own part
+                    chosen[f"{mod_name}.{pname}"] = p
     return chosen
 
 
@@ -234,9 +240,14 @@ def trainable_summary(model: RWKV, methods: dict[str, PeftMethod], parts: dict[s
     for (kind, mname, hp), blocks in sorted(groups.items(), key=lambda kv: (min(kv[1]), kv[0])):
         where = kind if blocks == [-1] else f"blocks.{_ranges(blocks)}.{kind}"
         rows.append((where, mname, hp, f"{counts[(kind, mname, hp)]:,}"))
-    if parts:
-        rows.append((f"{len(parts)} whole tensors (--train_parts)", "full", "",
-                     f"{sum(p.numel() for p in parts.values()):,}"))
+    states = {k: p for k, p in parts.items() if is_state_key(k)}
+    if states:
+        layers = [int(k.split(".")[1]) for k in states]
+        rows.append((f"blocks.{_ranges(layers)}.att.time_state", "state", "initial WKV state",
+                     f"{sum(p.numel() for p in states.values()):,}"))
+    if len(parts) > len(states):
+        rows.append((f"{len(parts) - len(states)} whole tensors (--train_parts)", "full", "",
+                     f"{sum(p.numel() for k, p in parts.items() if k not in states):,}"))
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     widths = [max(len(r[i]) for r in rows) for i in range(4)]

@@ -7,6 +7,7 @@ official module names:
     <module>.bone [r, out]                                       Bone
     <module>.bat [in/r, r, r]                                    Bat
     <official key>                                               whole tensors of --train_parts
+    blocks.<i>.att.time_state [H, N, N] fp32                     the learned initial state (state tuning)
 and metadata "rwkv_peft" = JSON {"layers": {module: {"method", hyperparameters}},
 "parts": [...], "base": {what the base was: sizes, file, fingerprint}}.
 
@@ -30,7 +31,9 @@ import torch
 
 from ..errors import RWKVPeftError
 from ..io import atomic_write, load_tensor_file
+from ..model.config import infer_config
 from ..model.rwkv import RWKV
+from ..model.time_state import check_states, is_state_key, set_time_state
 from .adapt import attach_adapters
 from .methods import METHODS, PeftMethod
 
@@ -78,7 +81,8 @@ def save_adapter(path: str | os.PathLike, methods: Mapping[str, PeftMethod],
         for name, t in method.tensors().items():
             tensors[f"{module}.{name}"] = t.detach().to("cpu").contiguous()
     for key, t in parts.items():
-        tensors[key] = t.detach().to("cpu").contiguous()
+        t = t.detach().to("cpu")
+        tensors[key] = (t.float() if is_state_key(key) else t).contiguous()
     config = {"format": FORMAT, "layers": layers, "parts": sorted(parts), "base": base}
     data = save(tensors, metadata={"rwkv_peft": json.dumps(config)})
     atomic_write(path, lambda f: f.write(data))
@@ -242,7 +246,12 @@ def check_base(adapter: Adapter, sd: Mapping[str, torch.Tensor], base_name: str)
             if name in expected and list(t.shape) != expected[name]:
                 raise RWKVPeftError(f"{adapter.source}: '{module}.{name}' has shape {list(t.shape)}, but base "
                                     f"{base_name} needs {expected[name]}; was it trained on another model?")
+    states = {k: t for k, t in adapter.parts.items() if is_state_key(k)}
+    if states:  # a base without a state of its own gets one
+        check_states(states, infer_config(sd), adapter.source, adapter.base)
     for key, t in adapter.parts.items():
+        if key in states:
+            continue
         if key not in sd or tuple(sd[key].shape) != tuple(t.shape):
             have = list(sd[key].shape) if key in sd else "no such key"
             raise RWKVPeftError(f"{adapter.source}: trained tensor '{key}' {list(t.shape)} does not fit base "
@@ -261,8 +270,12 @@ def apply_adapter(model: RWKV, adapter: Adapter) -> dict[str, PeftMethod]:
         method.load_tensors(adapter.tensors.get(module, {}), f"{adapter.source} at {module}")
         layer = model.get_submodule(module)
         layer.weight = torch.nn.Parameter(method.frozen_weight(layer.weight.detach()), requires_grad=False)
+    states = {k: t for k, t in adapter.parts.items() if is_state_key(k)}
+    if states:
+        set_time_state(model, states, adapter.source, adapter.base)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for key, t in adapter.parts.items():
-            params[key].copy_(t)
+            if key not in states:
+                params[key].copy_(t)
     return methods

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from ..errors import RWKVPeftError
 from ..model.load import load_model
+from ..model.time_state import is_state_key
 from .adapter_file import Adapter
 from .methods import make_method
 
@@ -31,8 +32,8 @@ def merge_adapter(base_sd: Mapping[str, torch.Tensor], adapter: Adapter, *, prog
         method = make_method(name, W.shape[1], W.shape[0], **hparams)
         method.load_tensors(adapter.tensors.get(module, {}), f"{adapter.source} at {module}")
         merged[key] = (W.float() + method.delta(W.float())).to(W.dtype)
-    for key, t in adapter.parts.items():
-        merged[key] = t.to(base_sd[key].dtype)
+    for key, t in adapter.parts.items():  # a learned state stays fp32, as state-tuned files keep it
+        merged[key] = t.float() if is_state_key(key) else t.to(base_sd[key].dtype)
     return merged
 
 
@@ -111,4 +112,36 @@ def merge_files(base: str | None, adapter_path: str, output: str | None, *, veri
         log(check_merge(base_sd, adapter, merged, base_sd["emb.weight"].dtype))
     save_checkpoint_file(merged, output, "--output")
     log(f"wrote {output}")
+    return output
+
+
+def write_state_only(adapter_path: str, output: str | None, base: str | None = None, log=print) -> str:
+    """Write just the adapter's learned initial state (blocks.<i>.att.time_state) as a state file:
+    what desktop runtimes load beside an unchanged base. base, if given, is checked to fit."""
+    from pathlib import Path
+
+    from ..io import load_tensor_file
+    from ..model.config import infer_config
+    from ..model.time_state import check_states, save_state_file
+    from .adapter_file import read_adapter
+
+    output = output or str(Path(adapter_path).with_name("state.pth"))
+    adapter = read_adapter(adapter_path)
+    states = {k: t for k, t in adapter.parts.items() if is_state_key(k)}
+    if not states:
+        raise RWKVPeftError(f"--state_only: {adapter_path} holds no learned state (blocks.<i>.att.time_state); "
+                            "train one with --train_parts state")
+    if Path(output).resolve() == Path(adapter_path).resolve():
+        raise RWKVPeftError(f"--output {output} is the same file as --adapter; choose another output path")
+    version = (adapter.base or {}).get("version")
+    if base is not None:
+        config = infer_config(load_tensor_file(base))
+        check_states(states, config, adapter_path, adapter.base)
+        version = config.version
+    others = len(adapter.layers) + len(adapter.parts) - len(states)
+    if others:
+        log(f"note: the adapter's {others} other trained layers or tensors are not part of a state file; "
+            "merge without --state_only to keep them")
+    save_state_file(output, states, version)
+    log(f"wrote {output}: the initial state of {len(states)} layers")
     return output

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields
 from ..errors import RWKVPeftError
 
 LR_INIT = 1e-4  # --lr_init when none is given, except on the embedded demo (trainer.DEMO_LR)
+STATE_LR = 1.0  # --state_lr when none is given: the state needs a far higher rate than weights (README)
 STRATEGIES = ("deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_2_offload",
               "deepspeed_stage_3", "deepspeed_stage_3_offload")
 
@@ -69,7 +70,11 @@ class TrainArgs:
     bat_r: int = opt(64, "Bat block size (must divide every adapted layer's dimensions)", "peft")
     peft_rules: str | None = opt(None, "per-layer rules 'glob=method:rank; ...' or a JSON file; first match "
                                        "wins, e.g. 'blocks.*.att.*=bone:64; blocks.0.*=none'", "peft")
-    train_parts: list[str] = opt((), "whole tensor groups to train as well: ln time emb head", "peft", nargs="*")
+    train_parts: list[str] = opt((), "whole tensor groups to train as well: ln time emb head, or state (a learned "
+                                     "initial WKV state for every layer: state tuning; alone with --peft none)",
+                                 "peft", nargs="*")
+    state_lr: float | None = opt(None, f"peak learning rate of the learned state (--train_parts state), on the "
+                                       f"schedule of --lr_init (default {STATE_LR:g})", "peft")
     # optimisation
     max_steps: int = opt(0, "optimizer steps to run (0: --epochs over the data)")
     epochs: float = opt(1.0, "passes over the data when --max_steps is 0")
@@ -171,8 +176,9 @@ def check_args(args: TrainArgs) -> None:
                  "grad_clip", "lr_final", "vocab_size"):
         if (getattr(args, name) or 0) < 0:
             raise RWKVPeftError(f"--{name} must not be negative, got {getattr(args, name)}")
-    if args.lr_init is not None and args.lr_init <= 0:
-        raise RWKVPeftError(f"--lr_init must be positive, got {args.lr_init}")
+    for name in ("lr_init", "state_lr"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise RWKVPeftError(f"--{name} must be positive, got {getattr(args, name)}")
     if args.max_steps == 0 and args.epochs <= 0:
         raise RWKVPeftError("give --max_steps N or a positive --epochs")
     for name in ("lora_r", "pissa_r", "bone_r", "bat_r"):

@@ -23,10 +23,11 @@ from ..data.tokenizer import check_fits_model, load_tokenizer, tokenizer_for
 from ..errors import RWKVPeftError
 from ..io import atomic_write, check_writable_dir, save_checkpoint_file
 from ..model import RWKVConfig, create_model, load_model
+from ..model.time_state import add_time_state
 from ..model.wkv import set_op as set_wkv_op
 from ..peft.adapt import parse_rules, plan_adapters, prepare_peft, trainable_summary
 from ..peft.adapter_file import describe_base, save_adapter
-from .args import LR_INIT, TrainArgs
+from .args import LR_INIT, STATE_LR, TrainArgs
 from .checkpoint import find_checkpoint, load_checkpoint, newest_run, save_checkpoint
 from .engine import (deepspeed_config, device_for_rank, import_deepspeed, make_optimizer, optimizer_offloaded,
                      quiet_known_notices, set_launcher_env, weights_only_load)
@@ -55,6 +56,8 @@ def _defaults(args: TrainArgs) -> None:
         args.peft = "full" if args.n_layer else "bone"
     if args.lr_init is None:
         args.lr_init = LR_INIT
+    if args.state_lr is None:
+        args.state_lr = STATE_LR
     if args.precision == "auto":
         args.precision = "bf16" if torch.cuda.is_available() else "fp32"
     if args.load_model is None and not args.n_layer:
@@ -105,18 +108,22 @@ def _default_method(args: TrainArgs):
 
 
 def _param_groups(model, args: TrainArgs):
-    """Weight decay on trainable matrices only; the decay base (w0 / time_decay) at 2x lr."""
-    groups = {"decay": [], "plain": [], "fast": []}
+    """Weight decay on trainable matrices only; the decay base (w0 / time_decay) at 2x lr; the
+    learned initial state at --state_lr."""
+    groups = {"decay": [], "plain": [], "fast": [], "state": []}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if name.endswith((".att.w0", ".att.time_decay")):
+        if name.endswith(".att.time_state"):
+            groups["state"].append(p)
+        elif name.endswith((".att.w0", ".att.time_decay")):
             groups["fast"].append(p)
         elif p.dim() >= 2 and args.weight_decay > 0 and not name.endswith(("w1", "w2")):
             groups["decay"].append(p)
         else:
             groups["plain"].append(p)
-    spec = {"decay": (1.0, args.weight_decay), "plain": (1.0, 0.0), "fast": (2.0, 0.0)}
+    spec = {"decay": (1.0, args.weight_decay), "plain": (1.0, 0.0), "fast": (2.0, 0.0),
+            "state": (args.state_lr / args.lr_init, 0.0)}
     return [{"params": ps, "lr_scale": spec[k][0], "weight_decay": spec[k][1]} for k, ps in groups.items() if ps]
 
 
@@ -186,6 +193,8 @@ def _prepare(args: TrainArgs, main: bool, world: int) -> dict:
     # adapters on a new model: its random base is saved beside the run, for merge and chat
     base_path = args.load_model or proj_dir / f"base.{args.model_format}"
     if full:
+        if "state" in args.train_parts:  # every weight, and a learned initial state besides
+            add_time_state(model)
         methods, parts = {}, dict(model.named_parameters())
         for p in model.parameters():
             p.requires_grad_(True)
