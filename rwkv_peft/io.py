@@ -23,6 +23,12 @@ from .errors import RWKVPeftError
 CHECKPOINT_SUFFIXES = (".pth", ".safetensors")
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): for one-line errors."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def check_checkpoint_suffix(path: str | os.PathLike, flag: str) -> None:
     """A checkpoint to be written must say its format by its name: .pth or .safetensors."""
     if Path(path).suffix not in CHECKPOINT_SUFFIXES:
@@ -51,13 +57,13 @@ def load_tensor_file(path: str | os.PathLike, what: str = "checkpoint") -> dict:
             # the legacy (non-zip) format cannot be memory-mapped
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise RWKVPeftError(
             f"{what} {path} holds Python objects other than tensors and was not loaded "
             f"(weights_only=True refuses code in files: {first[:160]}); "
             "re-save it as a plain dict of tensors") from None
     except Exception as e:  # torch raises many types for damaged files (IndexError, EOFError, ...)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise RWKVPeftError(
             f"{what} {path} is not a readable PyTorch file (truncated or corrupt?): {first[:160]}") from None
     if not isinstance(obj, dict):
@@ -72,7 +78,7 @@ def _load_safetensors(path: Path, what: str) -> dict:
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise RWKVPeftError(f"{what} {path} is not a readable safetensors file (truncated or corrupt?): "
                             f"{first[:160]}") from None
 

@@ -36,6 +36,11 @@ def is_state_key(key: str) -> bool:
     return key.startswith("blocks.") and key.endswith(".att.time_state")
 
 
+def state_parts(parts: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The learned initial states among an adapter's whole tensors (--train_parts), by key."""
+    return {k: t for k, t in parts.items() if is_state_key(k)}
+
+
 def add_time_state(model) -> dict[str, nn.Parameter]:
     """Give every layer a learned initial state, zeros (the model's outputs do not change)
     where it has none yet; returns {official key: parameter}."""

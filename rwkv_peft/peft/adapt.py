@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from ..errors import RWKVPeftError
 from ..model.rwkv import RWKV
-from ..model.time_state import add_time_state, is_state_key
+from ..model.time_state import add_time_state, state_parts
 from .methods import METHODS, PeftMethod, make_method
 
 DEFAULT_TARGETS = {
@@ -240,7 +240,7 @@ def trainable_summary(model: RWKV, methods: dict[str, PeftMethod], parts: dict[s
     for (kind, mname, hp), blocks in sorted(groups.items(), key=lambda kv: (min(kv[1]), kv[0])):
         where = kind if blocks == [-1] else f"blocks.{_ranges(blocks)}.{kind}"
         rows.append((where, mname, hp, f"{counts[(kind, mname, hp)]:,}"))
-    states = {k: p for k, p in parts.items() if is_state_key(k)}
+    states = state_parts(parts)
     if states:
         layers = [int(k.split(".")[1]) for k in states]
         rows.append((f"blocks.{_ranges(layers)}.att.time_state", "state", "initial WKV state",

@@ -33,7 +33,7 @@ from ..errors import RWKVPeftError
 from ..io import atomic_write, load_tensor_file
 from ..model.config import infer_config
 from ..model.rwkv import RWKV
-from ..model.time_state import check_states, is_state_key, set_time_state
+from ..model.time_state import check_states, is_state_key, set_time_state, state_parts
 from .adapt import attach_adapters
 from .methods import METHODS, PeftMethod
 
@@ -246,7 +246,7 @@ def check_base(adapter: Adapter, sd: Mapping[str, torch.Tensor], base_name: str)
             if name in expected and list(t.shape) != expected[name]:
                 raise RWKVPeftError(f"{adapter.source}: '{module}.{name}' has shape {list(t.shape)}, but base "
                                     f"{base_name} needs {expected[name]}; was it trained on another model?")
-    states = {k: t for k, t in adapter.parts.items() if is_state_key(k)}
+    states = state_parts(adapter.parts)
     if states:  # a base without a state of its own gets one
         check_states(states, infer_config(sd), adapter.source, adapter.base)
     for key, t in adapter.parts.items():
@@ -270,7 +270,7 @@ def apply_adapter(model: RWKV, adapter: Adapter) -> dict[str, PeftMethod]:
         method.load_tensors(adapter.tensors.get(module, {}), f"{adapter.source} at {module}")
         layer = model.get_submodule(module)
         layer.weight = torch.nn.Parameter(method.frozen_weight(layer.weight.detach()), requires_grad=False)
-    states = {k: t for k, t in adapter.parts.items() if is_state_key(k)}
+    states = state_parts(adapter.parts)
     if states:
         set_time_state(model, states, adapter.source, adapter.base)
     params = dict(model.named_parameters())

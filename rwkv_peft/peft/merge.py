@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from ..errors import RWKVPeftError
 from ..model.load import load_model
-from ..model.time_state import is_state_key
+from ..model.time_state import is_state_key, state_parts
 from .adapter_file import Adapter
 from .methods import make_method
 
@@ -127,7 +127,7 @@ def write_state_only(adapter_path: str, output: str | None, base: str | None = N
 
     output = output or str(Path(adapter_path).with_name("state.pth"))
     adapter = read_adapter(adapter_path)
-    states = {k: t for k, t in adapter.parts.items() if is_state_key(k)}
+    states = state_parts(adapter.parts)
     if not states:
         raise RWKVPeftError(f"--state_only: {adapter_path} holds no learned state (blocks.<i>.att.time_state); "
                             "train one with --train_parts state")

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..errors import RWKVPeftError
+from ..io import first_line
 from .args import TrainArgs
 
 
@@ -152,5 +153,5 @@ def weights_only_load(path, map_location=None):
         with torch.serialization.safe_globals(_deepspeed_checkpoint_classes()):
             return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise RWKVPeftError(f"checkpoint file {path} could not be loaded safely: {first[:200]}") from None

@@ -50,6 +50,5 @@ def chunked_loss(model, tokens: torch.Tensor, targets: torch.Tensor, mask: torch
     # piece's): a DeepSpeed engine wants one forward call per backward, on the outputs that
     # receive the gradient first.
     last = slice(starts[-1], T)
-    logits, _ = model(tokens[:, last], state)
-    ce_sum, _ = masked_ce_sum_of_piece(logits, targets[:, last], mask[:, last], B * T)
+    ce_sum, _ = _piece_loss(model, tokens[:, last], targets[:, last], mask[:, last], state, B * T)
     return (total + ce_sum) / mask.sum().to(ce_sum.dtype).clamp(min=1.0)
