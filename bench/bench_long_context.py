@@ -1,28 +1,34 @@
 """Memory and speed of long-context training (--chunk_ctx) against whole-sequence training.
 
-    python bench/bench_long_context.py [--ctx 512 1024 ... 16384] [--chunk 256] [--vocab 4096] [--json FILE]
+    python bench/bench_long_context.py [--ctx 512 1024 ... 16384] [--chunk 256] [--vocab 4096] [--reps 3] [--json FILE]
 
 A small random RWKV-7 (4 layers, n_embd 256, head size 64, --vocab), Bone r=64 on the
-default layers, fp32, batch 1, one torch thread. Each (ctx, mode) runs in its own process:
-a warm-up step of two pieces, then one timed training step (forward + backward) of ctx tokens.
+default layers, fp32, batch 1, one torch thread.
+
+Memory: each (ctx, mode) runs in its own process: a warm-up step of two pieces, then one
+training step (forward + backward) of ctx tokens.
 
 Per run:
 * saved MB: the most bytes of tensors that autograd held for backward at any moment of the
   step, counted by torch.autograd.graph.saved_tensors_hooks (deterministic). With chunking
   this is the last piece, which runs unrecomputed; every other piece is recomputed in
-  backward and holds the same amount then. The boundary states are counted separately.
-* state MB: the carried states kept at the piece boundaries (deterministic).
+  backward and holds the same amount then, plus the states at the piece boundaries, which
+  the pieces keep for their backward.
+* state MB: those boundary states alone (deterministic).
 * RSS MB: the process's peak resident memory during the step, above its peak before it.
   --fixed_mmap runs the children with MALLOC_MMAP_THRESHOLD_=131072, so that glibc returns
   every large freed tensor to the system; with its default (a threshold that rises after
   frees), the many equal-sized piece tensors fragment the heap and RSS overstates live memory.
-* tokens/s: ctx / the step's wall time.
+* tokens/s: speed runs in one process per ctx, chunked and unchunked training steps
+  interleaved (--reps of each after one warm-up of each), ctx / the median step time; the
+  ratio is taken within that process, so load that comes and goes hits both modes alike.
 """
 
 import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -57,45 +63,72 @@ class _Held:
         self.counter.live -= self.nbytes
 
 
-def one_run(ctx: int, chunk: int, vocab: int) -> dict:
+def bench_model(vocab: int):
     import torch
 
     from rwkv_peft.model import RWKVConfig, create_model
     from rwkv_peft.peft.adapt import plan_adapters, prepare_peft
-    from rwkv_peft.train.long_context import chunked_loss
-    from rwkv_peft.train.loss import masked_loss
 
     torch.set_num_threads(1)
     cfg = RWKVConfig(version=7, n_layer=4, n_embd=256, head_size=64, vocab_size=vocab, dim_ffn=1024,
                      d_decay=64, d_aaa=64, d_mv=32, d_gate=128)
     model = create_model(cfg, seed=0).train()
     prepare_peft(model, plan_adapters(model, [], ("bone", {"r": 64})))
+    return model
 
-    def step(tokens, counter=None):
-        mask = torch.ones(tokens.shape)
-        hooks = torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack) if counter else None
-        with hooks or torch.enable_grad():
-            if chunk:
-                loss = chunked_loss(model, tokens, tokens.roll(-1, 1), mask, chunk)
-            else:
-                loss = masked_loss(model(tokens), tokens.roll(-1, 1), mask)
-        loss.backward()
 
+def train_step(model, tokens, chunk: int, counter=None):
+    """One forward + backward of tokens [1, T], in pieces of chunk tokens (0: whole)."""
+    import torch
+
+    from rwkv_peft.train.long_context import chunked_loss
+    from rwkv_peft.train.loss import masked_loss
+
+    mask = torch.ones(tokens.shape)
+    hooks = torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack) if counter else None
+    with hooks or torch.enable_grad():
+        if chunk:
+            loss = chunked_loss(model, tokens, tokens.roll(-1, 1), mask, chunk)
+        else:
+            loss = masked_loss(model(tokens), tokens.roll(-1, 1), mask)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def one_run(ctx: int, chunk: int, vocab: int) -> dict:
+    import torch
+
+    model = bench_model(vocab)
     g = torch.Generator().manual_seed(0)
-    step(torch.randint(0, vocab, (1, 2 * (chunk or 256)), generator=g))  # both paths of chunked_loss
+    train_step(model, torch.randint(0, vocab, (1, 2 * (chunk or 256)), generator=g), chunk)  # both paths
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     tokens = torch.randint(0, vocab, (1, ctx), generator=g)
     counter = SavedBytes()
-    start = time.perf_counter()
-    step(tokens, counter)
-    seconds = time.perf_counter() - start
+    train_step(model, tokens, chunk, counter)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss_before
     state = model.zero_state(1)
     state_bytes = sum(t.numel() * t.element_size() for t in (state.att_shift, state.wkv, state.ffn_shift))
     boundaries = (ctx - 1) // chunk if chunk else 0
     return {"ctx": ctx, "chunk_ctx": chunk, "saved_mb": round(counter.peak / 2**20, 2),
-            "state_mb": round(boundaries * state_bytes / 2**20, 2), "rss_mb": round(rss, 1),
-            "tokens_per_s": round(ctx / seconds, 1)}
+            "state_mb": round(boundaries * state_bytes / 2**20, 2), "rss_mb": round(rss, 1)}
+
+
+def speed_run(ctx: int, chunk: int, vocab: int, reps: int) -> dict:
+    """Median tokens/s of chunked and whole training steps, interleaved in this process."""
+    import torch
+
+    model = bench_model(vocab)
+    tokens = torch.randint(0, vocab, (1, ctx), generator=torch.Generator().manual_seed(0))
+    seconds = {chunk: [], 0: []}
+    for rep in range(reps + 1):
+        for mode in seconds:
+            start = time.perf_counter()
+            train_step(model, tokens, mode)
+            if rep:  # the first round is the warm-up
+                seconds[mode].append(time.perf_counter() - start)
+    chunked, whole = (ctx / statistics.median(seconds[mode]) for mode in (chunk, 0))
+    return {"ctx": ctx, "chunked_tokens_per_s": round(chunked, 1), "whole_tokens_per_s": round(whole, 1),
+            "ratio": round(chunked / whole, 3), "load_average": round(os.getloadavg()[0], 2)}
 
 
 def main():
@@ -105,32 +138,48 @@ def main():
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--max_whole", type=int, default=16384, help="largest ctx to run without chunking")
     p.add_argument("--fixed_mmap", action="store_true", help="glibc: allocate tensors over 128 KiB with mmap")
+    p.add_argument("--reps", type=int, default=3, help="timed steps of each mode per ctx (after one warm-up)")
+    p.add_argument("--only", choices=("memory", "speed"), help="run one of the two tables")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--one", type=int, nargs=2, metavar=("CTX", "CHUNK"), help=argparse.SUPPRESS)
+    p.add_argument("--speed", type=int, metavar="CTX", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
         print(json.dumps(one_run(*args.one, args.vocab)))
         return
+    if args.speed:
+        print(json.dumps(speed_run(args.speed, args.chunk, args.vocab, args.reps)))
+        return
 
-    rows = []
-    print("| ctx | chunk_ctx | saved MB | state MB | peak RSS MB | tokens/s |\n|---:|---:|---:|---:|---:|---:|")
-    for ctx in args.ctx:
-        for chunk in (args.chunk, 0):
-            if chunk == 0 and ctx > args.max_whole:
+    def child(*flags):
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072") if args.fixed_mmap else None
+        out = subprocess.run([sys.executable, __file__, *map(str, flags), "--vocab", str(args.vocab),
+                              "--chunk", str(args.chunk), "--reps", str(args.reps)], capture_output=True, text=True, env=env)
+        if out.returncode != 0:
+            print(f"{flags} failed: {out.stderr.strip().splitlines()[-1:]}", flush=True)
+            return None
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    memory, speed = [], []
+    if args.only != "speed":
+        print("| ctx | chunk_ctx | saved MB | state MB | peak RSS MB |\n|---:|---:|---:|---:|---:|")
+        for ctx in args.ctx:
+            for chunk in (args.chunk, 0):
+                if (chunk == 0 and ctx > args.max_whole) or not (r := child("--one", ctx, chunk)):
+                    continue
+                memory.append(r)
+                print(f"| {ctx} | {chunk or 'off'} | {r['saved_mb']} | {r['state_mb']} | {r['rss_mb']} |", flush=True)
+    if args.only != "memory":
+        print("\n| ctx | chunked tok/s | unchunked tok/s | ratio | load average |\n|---:|---:|---:|---:|---:|")
+        for ctx in args.ctx:
+            if ctx > args.max_whole or not (r := child("--speed", ctx)):
                 continue
-            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072") if args.fixed_mmap else None
-            out = subprocess.run([sys.executable, __file__, "--one", str(ctx), str(chunk), "--vocab", str(args.vocab)],
-                                 capture_output=True, text=True, env=env)
-            if out.returncode != 0:
-                print(f"ctx {ctx} chunk {chunk} failed: {out.stderr.strip().splitlines()[-1:]}", flush=True)
-                continue
-            r = json.loads(out.stdout.strip().splitlines()[-1])
-            rows.append(r)
-            print(f"| {ctx} | {chunk or 'off'} | {r['saved_mb']} | {r['state_mb']} | {r['rss_mb']} | "
-                  f"{r['tokens_per_s']} |", flush=True)
+            speed.append(r)
+            print(f"| {ctx} | {r['chunked_tokens_per_s']} | {r['whole_tokens_per_s']} | {r['ratio']:.2f} | "
+                  f"{r['load_average']} |", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"vocab": args.vocab, "chunk": args.chunk, "fixed_mmap": args.fixed_mmap,
-                                               "rows": rows}, indent=1))
+                                               "reps": args.reps, "memory": memory, "speed": speed}, indent=1))
 
 
 if __name__ == "__main__":

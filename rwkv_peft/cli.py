@@ -79,8 +79,6 @@ def merge(argv=None, prog: str = "merge.py") -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.state_only:
-        print(f"next: python demo/chat.py --model {args.base or 'BASE.pth'} --state {output}")
-    else:
+    if not args.state_only:  # write_state_only says its own next step
         print(f"next: python demo/chat.py --model {output}")
     return 0

@@ -187,3 +187,15 @@ def test_cuda_state_gradient_matches_cpu(version):
     (cpu_logits, cpu_grad), (gpu_logits, gpu_grad) = grads("cpu"), grads("cuda")
     assert rel_err(gpu_logits, cpu_logits) <= 1e-4
     assert rel_err(gpu_grad, cpu_grad) <= 1e-3
+
+
+def test_state_only_next_step_names_the_recorded_base(state_run, tmp_path):
+    """Without --base, merge --state_only's next step names the base the adapter records."""
+    from rwkv_peft.peft.merge import write_state_only
+
+    adapter = state_run / "run" / "adapter.safetensors"
+    recorded = read_adapter(adapter).base["path"]
+    assert recorded.endswith("base.pth")
+    lines = []
+    write_state_only(str(adapter), str(tmp_path / "s.pth"), log=lines.append)
+    assert lines[-1] == f"next: python demo/chat.py --model {recorded} --state {tmp_path / 's.pth'}"

@@ -144,4 +144,5 @@ def write_state_only(adapter_path: str, output: str | None, base: str | None = N
             "merge without --state_only to keep them")
     save_state_file(output, states, version)
     log(f"wrote {output}: the initial state of {len(states)} layers")
+    log(f"next: python demo/chat.py --model {base or (adapter.base or {}).get('path') or 'BASE.pth'} --state {output}")
     return output

@@ -3,12 +3,22 @@ the model's whole RNN state (token shifts and WKV states of every layer) carried
 to piece, so that activation memory is one piece's whatever the sample length.
 
 A piece is one function (tokens, targets, mask, carried state) -> (sum of the masked cross
-entropy over the piece, new state), run under non-reentrant activation checkpointing: the
-forward pass keeps only the state at each piece boundary and a scalar; the backward pass
-recomputes one piece at a time and hands the gradient of its input state to the piece
-before it. The sum is divided by the trained tokens of the whole batch, as masked_loss
-divides, so the loss and every gradient equal those of one whole-sequence pass up to float
-rounding. detach=True cuts the gradient at every boundary instead (truncated BPTT).
+entropy over the piece, new state). Every piece but the last runs as a _Piece: its forward
+pass runs without autograd and keeps only the state it started from; its backward pass
+reruns the piece with autograd and returns the gradients of its input state (to the piece
+before it) and of the trainable parameters. The sum is divided by the trained tokens of
+the whole batch, as masked_loss divides, so the loss and every gradient equal those of one
+whole-sequence pass up to float rounding. detach=True cuts the gradient at every boundary
+instead (truncated BPTT).
+
+Why not torch.utils.checkpoint: its non-reentrant form builds the autograd graph of every
+piece in the forward pass only to drop it, and packs every saved tensor through hooks on
+the rerun, which cost 15% of a CPU step (bench/README.md); its reentrant form accumulates
+parameter gradients in a nested backward per piece, which DeepSpeed's ZeRO gradient hooks
+refuse (a parameter reduced twice in one step). _Piece hands the parameter gradients to
+autograd as ordinary outputs, so each parameter is accumulated once per backward. Under
+ZeRO stage 3 a parameter has its shape only inside its module's forward, so pieces there
+fall back to the non-reentrant checkpoint.
 """
 
 from __future__ import annotations
@@ -26,6 +36,36 @@ def _piece_loss(model, tokens, targets, mask, state: RWKVState, positions: int):
     return ce_sum, state
 
 
+class _Piece(torch.autograd.Function):
+    """run(state) -> (ce_sum, new state), rerun in backward instead of stored. params: the
+    trainable parameters run uses, inputs here so that their gradients come back as outputs."""
+
+    @staticmethod
+    def forward(ctx, run, att_shift, wkv, ffn_shift, *params):
+        ctx.run, ctx.params = run, params  # leaf parameters: held, not saved (no copy, no version check)
+        ctx.save_for_backward(att_shift, wkv, ffn_shift)
+        ce_sum, state = run(RWKVState(att_shift, wkv, ffn_shift))  # autograd is off in forward
+        return ce_sum, state.att_shift, state.wkv, state.ffn_shift
+
+    @staticmethod
+    def backward(ctx, *grads):
+        state_in = [t.detach().requires_grad_() for t in ctx.saved_tensors]
+        with torch.enable_grad():
+            ce_sum, state = ctx.run(RWKVState(*state_in))
+        outputs = [ce_sum, state.att_shift, state.wkv, state.ffn_shift]
+        used = [i for i, (out, grad) in enumerate(zip(outputs, grads)) if grad is not None and out.requires_grad]
+        return (None, *torch.autograd.grad([outputs[i] for i in used], state_in + list(ctx.params), [grads[i] for i in used],
+                                           allow_unused=True))
+
+
+def _run_piece(run, state: RWKVState, params):
+    if params is None:  # ZeRO-3: see the module docstring
+        ce_sum, state = checkpoint(run, state, use_reentrant=False)
+        return ce_sum, state
+    ce_sum, *carried = _Piece.apply(run, state.att_shift, state.wkv, state.ffn_shift, *params)
+    return ce_sum, RWKVState(*carried)
+
+
 def chunked_loss(model, tokens: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, chunk_ctx: int, *,
                  state: RWKVState | None = None, detach: bool = False) -> torch.Tensor:
     """The masked_loss of model on tokens [B, T], computed in pieces of chunk_ctx tokens.
@@ -37,12 +77,18 @@ def chunked_loss(model, tokens: torch.Tensor, targets: torch.Tensor, mask: torch
     B, T = tokens.shape
     if state is None:
         state = module.zero_state(B)
+    params = [p for p in module.parameters() if p.requires_grad]
+    if any(hasattr(p, "ds_tensor") for p in params):  # partitioned by ZeRO-3
+        params = None
     starts = list(range(0, T, chunk_ctx))
     total = 0.0
     for start in starts[:-1]:
         piece = slice(start, start + chunk_ctx)
-        ce_sum, state = checkpoint(_piece_loss, module, tokens[:, piece], targets[:, piece], mask[:, piece], state,
-                                   B * T, use_reentrant=False)
+
+        def run(state, piece=piece):
+            return _piece_loss(module, tokens[:, piece], targets[:, piece], mask[:, piece], state, B * T)
+
+        ce_sum, state = _run_piece(run, state, params)
         total = total + ce_sum
         if detach:
             state = state.detach()
