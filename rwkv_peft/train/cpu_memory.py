@@ -12,13 +12,13 @@ Fixing the threshold with mallopt (which also turns off the raising) gives every
 256 KB or more back at once. The price is paid in page faults: each new block is fresh,
 zero-filled memory.
 
-Measured on that model (bench/bench_train_memory.py; same losses in every setting):
+Measured on that model (bench/bench_train_memory.py, two runs; same losses in every setting):
 
     --grad_cp  --cpu_malloc  peak RSS  step time
     0          default       4.4 GB    1.00x
-    1          default       2.9 GB    1.23x
-    0          compact       2.7 GB    1.59x
-    1          compact       1.8 GB    2.21x
+    1          default       2.8 GB    1.07-1.23x
+    0          compact       2.7 GB    1.49-1.59x
+    1          compact       1.8 GB    1.87-2.21x
 
 By default both are on for models of 20M parameters or more, which is where memory runs
 short on a small machine; smaller models keep the fast path (their steps need little memory).
