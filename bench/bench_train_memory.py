@@ -1,20 +1,26 @@
 """Where the peak RSS of CPU training goes: LoRA r=32 on the RWKV-7 0.1B shape, ctx 512, batch 1, fp32.
 
-    python bench/bench_train_memory.py [--steps 3] [--ctx 512] [--layers 12] [--width 768]
+    python bench/bench_train_memory.py [--steps 3] [--ctx 512] [--grad_cp 0 1] [--malloc compact default]
 
 Two parts, one run:
-  1. the real train.py (one process, ZeRO-1, fp32) for --steps steps: its peak RSS
-     (summary.json) and its loss sequence (metrics.jsonl), to compare before and after a change;
+  1. the real train.py (one process, ZeRO-1, fp32) for --steps steps, with the defaults a user
+     gets and then once per setting (--grad_cp x --malloc), in turn: its peak RSS (summary.json), its loss sequence
+     (metrics.jsonl: the same in every setting) and the median time of the steps after the
+     first. --malloc compact / default is train.py's --cpu_malloc (rwkv_peft/train/cpu_memory.py);
+     NAME=VALUE puts that variable in train.py's environment instead (then the trainer leaves
+     malloc alone), e.g. MALLOC_MMAP_THRESHOLD_=1048576;
   2. the same model and step in this process, without DeepSpeed: the weights, the
      activations autograd keeps (saved_tensors_hooks), the logits, and the peak of the loss
      and the whole backward (VmHWM, reset through /proc/self/clear_refs, above the resident
-     set after the forward).
+     set after the forward). Skip it with --no-breakdown.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,14 +58,25 @@ def _status_mb(pid: int) -> dict:
     return out
 
 
-def run_train_py(work: Path, args) -> dict:
+def setting(grad_cp: int | None, malloc: str | None) -> tuple[list[str], dict]:
+    """train.py's extra flags and environment for one setting (None: the user's default)."""
+    flags = [] if grad_cp is None else ["--grad_cp", str(grad_cp)]
+    env = {k: v for k, v in clean_env().items() if not k.startswith("MALLOC_")}
+    if malloc and "=" in malloc:
+        name, value = malloc.split("=", 1)
+        env[name] = value
+    elif malloc:
+        flags += ["--cpu_malloc", malloc]
+    return flags, env
+
+
+def run_train_py(work: Path, args, run_dir: str, flags: list[str], env: dict) -> dict:
     """train.py with its resident set sampled every 50 ms: the peak before the first step
     (start-up: load, adapters, DeepSpeed, data) and during the steps, from the outside."""
     cmd = [sys.executable, str(ROOT / "train.py"), "--load_model", "base.pth", "--data_file", "text.jsonl",
            "--ctx_len", str(args.ctx), "--micro_bsz", "1", "--max_steps", str(args.steps), "--precision", "fp32",
-           "--peft", "lora", "--lora_r", "32", "--lora_alpha", "32", "--grad_cp", str(args.grad_cp),
-           "--proj_dir", "run"]
-    proc = subprocess.Popen(cmd, cwd=work, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+           "--peft", "lora", "--lora_r", "32", "--lora_alpha", "32", "--proj_dir", run_dir, *flags]
+    proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     lines = []  # (time, stdout line): "training N steps" marks the end of start-up
     reader = threading.Thread(target=lambda: lines.extend((time.monotonic(), x) for x in proc.stdout))
@@ -83,10 +100,12 @@ def run_train_py(work: Path, args) -> dict:
     startup = [m for t, m in samples if t < start_steps]
     steps = [m for t, m in samples if t >= start_steps]
     peak = lambda ms: max(ms, key=lambda m: m["VmRSS"])  # noqa: E731
-    summary = json.loads((work / "run" / "summary.json").read_text())
-    losses = [json.loads(x)["loss"] for x in (work / "run" / "metrics.jsonl").read_text().splitlines()]
-    return {"peak_rss_mb": summary["peak_memory_mb"], "losses": losses, "startup": peak(startup),
-            "steps": peak(steps)}
+    summary = json.loads((work / run_dir / "summary.json").read_text())
+    records = [json.loads(x) for x in (work / run_dir / "metrics.jsonl").read_text().splitlines()]
+    elapsed = [r["elapsed_s"] for r in records]
+    step_s = statistics.median(b - a for a, b in zip(elapsed, elapsed[1:])) if len(elapsed) > 1 else float("nan")
+    return {"peak_rss_mb": summary["peak_memory_mb"], "losses": [r["loss"] for r in records],
+            "startup": peak(startup), "steps": peak(steps), "step_s": step_s}
 
 
 def breakdown(work: Path, args) -> list[tuple[str, float]]:
@@ -142,29 +161,45 @@ def main():
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--width", type=int, default=768)
-    p.add_argument("--grad_cp", type=int, default=0, help="train.py's --grad_cp (1: recompute each block)")
+    p.add_argument("--grad_cp", type=int, nargs="*", default=[], choices=(0, 1),
+                   help="train.py's --grad_cp values to run besides the defaults (1: recompute each block)")
+    p.add_argument("--malloc", nargs="+", default=["compact", "default"],
+                   help="train.py's --cpu_malloc values to run (compact, default), or NAME=VALUE: that "
+                        "variable in train.py's environment, e.g. MALLOC_MMAP_THRESHOLD_=1048576")
     p.add_argument("--skip-train", action="store_true", help="only the in-process breakdown")
+    p.add_argument("--no-breakdown", action="store_true", help="only the train.py runs")
     args = p.parse_args()
 
     print(f"RWKV-7 L{args.layers} C{args.width} V65536, LoRA r=32, ctx {args.ctx}, batch 1, fp32, "
-          f"--grad_cp {args.grad_cp}\n", flush=True)
+          f"load average {os.getloadavg()[0]:.1f}\n", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-mem-") as tmp:
         work = Path(tmp)
         write_workspace(work, args.layers, args.width, dims=(64, 64, 32, 128), records=64, words=args.ctx)
         if not args.skip_train:
-            train = run_train_py(work, args)
-            print(f"train.py peak RSS (ru_maxrss): {train['peak_rss_mb']:.0f} MB; losses of {args.steps} steps: "
-                  f"{train['losses']}")
-            for part in ("startup", "steps"):
-                m = train[part]
-                print(f"  peak during {part}: {m['VmRSS']:.0f} MB (anonymous {m['RssAnon']:.0f}, "
-                      f"file-backed {m['RssFile']:.0f})")
-            print(flush=True)
-        rows = breakdown(work, args)
-    print("| one training step, in this process (no DeepSpeed) | MB |")
-    print("|---|---:|")
-    for name, mb in rows:
-        print(f"| {name} | {mb:.0f} |")
+            settings = [(None, None)] + [(cp, m) for cp in args.grad_cp for m in args.malloc]
+            runs = {(cp, m): run_train_py(work, args, f"run-{i}", *setting(cp, m))
+                    for i, (cp, m) in enumerate(settings)}
+            first = next(iter(runs.values()))
+            print(f"train.py, {args.steps} steps (load average now {os.getloadavg()[0]:.1f})\n")
+            print("| --grad_cp | malloc | peak RSS MB (ru_maxrss) | peak in start-up MB (anon / file) "
+                  "| peak in steps MB (anon / file) | step s (median) | vs first row | losses |")
+            print("|---:|---|---:|---:|---:|---:|---:|---|")
+            for (cp, m), r in runs.items():
+                up, st = r["startup"], r["steps"]
+                cp, m = ("(default)", "(default)") if cp is None else (cp, m)
+                print(f"| {cp} | {m} | {r['peak_rss_mb']:.0f} | {up['VmRSS']:.0f} ({up['RssAnon']:.0f} / "
+                      f"{up['RssFile']:.0f}) | {st['VmRSS']:.0f} ({st['RssAnon']:.0f} / {st['RssFile']:.0f}) | "
+                      f"{r['step_s']:.2f} | {r['step_s'] / first['step_s']:.2f}x | "
+                      f"{', '.join(str(x) for x in r['losses'])} |")
+            same = all(r["losses"] == first["losses"] for r in runs.values())
+            print(f"\nloss sequences identical across settings: {same}\n", flush=True)
+        if not args.no_breakdown:
+            rows = breakdown(work, args)
+            print("| one training step, in this process (no DeepSpeed) | MB |")
+            print("|---|---:|")
+            for name, mb in rows:
+                print(f"| {name} | {mb:.0f} |")
+
 
 if __name__ == "__main__":
     main()

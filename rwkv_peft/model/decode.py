@@ -87,10 +87,14 @@ class Decoder:
             lay["mix"] = torch.stack([_flat(getattr(att, n)) for n in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g")])
             for name in ("w0", "a0", "k_k", "k_a"):
                 lay[name] = _flat(getattr(att, name))
-            for name in ("w1", "w2", "a1", "a2", "g1", "g2"):
+            # the low-rank mixes' first factors [C, D] as [D, C] copies: a row-major matrix-vector
+            # product is twice as fast on them as x @ W (0.1B shape; the copies add 0.6 MB per layer)
+            for name in ("w1", "a1", "g1"):
+                lay[name] = getattr(att, name).detach().t().contiguous()
+            for name in ("w2", "a2", "g2"):
                 lay[name] = getattr(att, name).detach()
             if hasattr(att, "v0") and att.layer_id > 0:
-                lay["v0"], lay["v1"], lay["v2"] = _flat(att.v0), att.v1.detach(), att.v2.detach()
+                lay["v0"], lay["v1"], lay["v2"] = _flat(att.v0), att.v1.detach().t().contiguous(), att.v2.detach()
             lay["r_k"] = att.r_k.detach()
             lay["ffn_x_k"] = _flat(ffn.x_k)
         else:
@@ -133,23 +137,25 @@ class Decoder:
         xr, xw, xk, xv, xa, xg = torch.addcmul(x, xx, lay["mix"]).unbind(0)
 
         r, k, v = lay["receptance"](xr), lay["key"](xk), lay["value"](xv)
-        w = -F.softplus(-(lay["w0"] + torch.tanh(xw @ lay["w1"]) @ lay["w2"]).float()) - 0.5
-        a = torch.sigmoid(lay["a0"] + (xa @ lay["a1"]) @ lay["a2"])
-        g = torch.sigmoid(xg @ lay["g1"]) @ lay["g2"]
+        w = -F.softplus(-(lay["w0"] + torch.tanh(torch.mv(lay["w1"], xw)) @ lay["w2"]).float()) - 0.5
+        a = torch.sigmoid(lay["a0"] + torch.mv(lay["a1"], xa) @ lay["a2"])
+        g = torch.sigmoid(torch.mv(lay["g1"], xg)) @ lay["g2"]
         if v_first is None:
             v_first = v
         else:
-            v = v + (v_first - v) * torch.sigmoid(lay["v0"] + (xv @ lay["v1"]) @ lay["v2"])
+            v = v + (v_first - v) * torch.sigmoid(lay["v0"] + torch.mv(lay["v1"], xv) @ lay["v2"])
         kk = F.normalize((k * lay["k_k"]).view(H, N), dim=-1, p=2.0, eps=1e-12)
         k = k * (1 + (a - 1) * lay["k_a"])
 
-        # S = S diag(d) + (S alpha) beta^T + v k^T with alpha = -kk, beta = kk a; y = S r
-        rf, kf, vf = r.float().view(H, N, 1), k.float().view(H, 1, N), v.float().view(H, N, 1)
-        kk, a = kk.float(), a.float().view(H, N)
+        # S = S diag(d) + (S alpha) beta^T + v k^T with alpha = -kk, beta = kk a; y = S r.
+        # S x is taken as the row product x^T S^T: torch's batched kernel is 6x faster on a
+        # [1, N] row than on an [N, 1] column.
+        rf, kf, vf = r.float().view(H, 1, N), k.float().view(H, 1, N), v.float().view(H, N, 1)
+        kk, a = kk.float().view(H, 1, N), a.float().view(H, 1, N)
         decay = torch.exp(-torch.exp(w)).view(H, 1, N)
-        s_alpha = S @ (-kk).view(H, N, 1)  # from the old state, before the in-place update
-        S.mul_(decay).baddbmm_(s_alpha, (kk * a).view(H, 1, N)).baddbmm_(vf, kf)
-        y = (S @ rf).view(-1).to(x.dtype)
+        s_alpha = torch.bmm(-kk, S.mT).mT  # [H, N, 1], from the old state, before the in-place update
+        S.mul_(decay).baddbmm_(s_alpha, kk * a).baddbmm_(vf, kf)
+        y = torch.bmm(rf, S.mT).view(-1).to(x.dtype)
 
         y = F.group_norm(y.view(1, -1), H, lay["ln_x"].weight, lay["ln_x"].bias, lay["ln_x"].eps).view(-1)
         bonus = (r * k * lay["r_k"].view(-1)).view(H, N).sum(-1, keepdim=True) * v.view(H, N)

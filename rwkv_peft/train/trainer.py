@@ -29,6 +29,7 @@ from ..peft.adapt import parse_rules, plan_adapters, prepare_peft, trainable_sum
 from ..peft.adapter_file import describe_base, save_adapter
 from .args import LR_INIT, STATE_LR, TrainArgs
 from .checkpoint import find_checkpoint, load_checkpoint, newest_run, save_checkpoint
+from .cpu_memory import choose_cpu_memory
 from .engine import (deepspeed_config, device_for_rank, import_deepspeed, make_optimizer, optimizer_offloaded,
                      quiet_known_notices, set_launcher_env, weights_only_load)
 from .interrupt import StopRequest, survive_lost_output
@@ -251,12 +252,15 @@ def _train(args: TrainArgs, run: dict, deepspeed) -> dict:
         if not full and not args.load_model and not Path(base_path).exists():
             save_checkpoint_file(base_sd, base_path)
             log(f"saved the new model's initial weights to {base_path}: the base the adapter merges into")
-    model.grad_checkpointing = bool(args.grad_cp)
     model.to(device)
     if device.type == "cpu":
         from ..generate import set_threads
 
         set_threads(model)  # one thread for small models: splitting tiny ops costs far more than it gains
+    memory_note = choose_cpu_memory(args, model, device)  # --grad_cp and --cpu_malloc auto
+    if memory_note:
+        log(memory_note)
+    model.grad_checkpointing = bool(args.grad_cp)
     global_batch = args.micro_bsz * args.accumulate_grad_batches * world
     total_steps = args.max_steps or max(1, math.ceil(args.epochs * len(data) / global_batch))
     warmup = args.warmup_steps if args.warmup_steps is not None else min(10, total_steps // 10)
