@@ -144,6 +144,16 @@ class QuantizedLinear(nn.Module):
         return self.weight.linear(x)
 
 
+def quant_summary(model: nn.Module) -> str:
+    """One line: how many frozen weights are stored quantized, and their bytes against bf16."""
+    weights = [m for m in model.modules() if isinstance(m, QuantizedWeight)]
+    stored = sum(w.nbytes for w in weights)
+    bf16 = sum(2 * w.shape[0] * w.shape[1] for w in weights)
+    formats = ", ".join(sorted({w.format for w in weights}))
+    return (f"frozen base: {len(weights)} linear weights stored {formats}, {stored / 2**20:,.1f} MiB "
+            f"({stored / max(bf16, 1):.2f}x their {bf16 / 2**20:,.1f} MiB in bf16)")
+
+
 def frozen_linear(x: torch.Tensor, weight) -> torch.Tensor:
     """x W^T for a frozen weight: a plain tensor, or a QuantizedWeight."""
     return weight.linear(x) if isinstance(weight, QuantizedWeight) else F.linear(x, weight)
