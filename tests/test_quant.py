@@ -2,14 +2,20 @@
 built here from the library's own dequantized weight and an explicitly written delta; what the
 backward pass keeps; what a quantizing load holds."""
 
+import re
+import sys
+
 import pytest
 import torch
 
 from official_layout import rwkv7_state_dict
+from official_runner import run_official
 from rwkv_peft import load_model
 from rwkv_peft.peft.adapt import AdaptedLinear, plan_adapters, prepare_peft, quantize_linears
+from rwkv_peft.peft.adapter_file import read_adapter
 from rwkv_peft.peft.methods import make_method
 from rwkv_peft.peft.quant import QuantizedLinear, QuantizedWeight
+from tiny_workspace import COMMON, losses, make_workspace, run_script
 
 pytest.importorskip("torchao")
 
@@ -123,3 +129,39 @@ def test_quantize_linears_on_an_adapted_full_precision_model_matches_training_ti
     quantize_linears(later, "int8")
     tokens = torch.tensor([[5, 6, 7, 8]])
     torch.testing.assert_close(later(tokens), trained(tokens), rtol=0, atol=0)
+
+
+def test_missing_library_is_one_error_line(tmp_path, monkeypatch, capsys):
+    from rwkv_peft.cli import train
+
+    make_workspace(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(key, value)
+    monkeypatch.setitem(sys.modules, "torchao", None)  # what `import torchao` meets without the package
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert train([*COMMON, "--quant", "nf4", "--proj_dir", "run"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "--quant nf4 needs the torchao package" in errors[0] and "pip install" in errors[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_demo_over_an_nf4_base_learns_merges_and_loads_in_the_official_package(tmp_path):
+    """train.py --quant nf4 on the embedded demo, merge.py with its verification, the official runtime."""
+    run_script(tmp_path, "train.py", "--quant", "nf4", "--max_steps", "40", "--ctx_len", "128", "--micro_bsz", "4",
+               "--proj_dir", "run")
+    loss = losses(tmp_path / "run")
+    assert sum(loss[-5:]) / 5 < 0.7 * sum(loss[:5]) / 5, loss
+    assert read_adapter(tmp_path / "run/adapter.safetensors").quant == {"format": "nf4", "targets": "adapted"}
+
+    proc = run_script(tmp_path, "merge.py", "--adapter", "run/adapter.safetensors")
+    assert "verify: OK" in proc.stdout
+    cost = re.search(r"quantization: the training-time model \(its base stored nf4\) differs from full-precision "
+                     r"base\+adapter by ([0-9.e-]+) of the logit scale", proc.stdout)
+    assert cost and 0 < float(cost.group(1)) < 0.5, proc.stdout
+
+    merged = tmp_path / "run/merged.pth"
+    tokens = [1, 20, 30, 40, 50, 60, 70, 80]
+    official = run_official(7, [merged], tokens, [tmp_path / "official.pt"])[0]["full"]
+    ours = load_model(merged, dtype=torch.float32)(torch.tensor([tokens]))[0]
+    torch.testing.assert_close(official, ours, rtol=1e-4, atol=1e-4)
