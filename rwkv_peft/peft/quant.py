@@ -66,10 +66,9 @@ def quantize(weight: torch.Tensor, fmt: str, name: str = "weight") -> torch.Tens
     return to_nf4(W, NF4_BLOCK, group)
 
 
-def dequantize(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The library's own dequantization of q, in dtype."""
-    w = q.dequantize(dtype) if hasattr(q, "qdata") else q.get_original_weight()  # Int8Tensor / NF4Tensor
-    return w.to(dtype)
+def dequantize(q: torch.Tensor, fmt: str, dtype: torch.dtype) -> torch.Tensor:
+    """The library's own dequantization of q (an NF4Tensor or an Int8Tensor), in dtype."""
+    return q.get_original_weight().to(dtype) if fmt == "nf4" else q.dequantize(dtype)
 
 
 def inner_tensors(q: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -115,7 +114,7 @@ class QuantizedWeight(nn.Module):
         return sum(t.nbytes for t in inner_tensors(self.quantized).values())
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return dequantize(self.quantized, dtype or self.dtype)
+        return dequantize(self.quantized, self.format, dtype or self.dtype)
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         return _DequantizingLinear.apply(x, self)
