@@ -29,8 +29,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
+from bench_state_tuning import eval_adapters  # noqa: E402
 from rwkv_peft.peft.quant import QuantizedWeight  # noqa: E402
 from tiny_workspace import clean_env  # noqa: E402
 
@@ -138,10 +139,7 @@ def quality(seeds: list[int]) -> list[dict]:
                 print(" ".join(cmd[1:]), flush=True)
                 subprocess.run(cmd, check=True, capture_output=True, text=True)
                 runs.append({"quant": quant, "seed": seed, "adapter": str(out / "adapter.safetensors")})
-        scores = Path(tmp) / "eval.json"
-        subprocess.run([sys.executable, "-m", "rwkv_peft.eval", "--adapter", *[r["adapter"] for r in runs],
-                        "--json", str(scores)], check=True, capture_output=True, text=True, cwd=ROOT)
-        by_adapter = {r["model"]: r for r in json.loads(scores.read_text())}
+        by_adapter = eval_adapters([r["adapter"] for r in runs], Path(tmp))
     for r in runs:
         e = by_adapter[r.pop("adapter")]
         r.update(loss=e["loss"], task=e["task"] * e["items"], items=e["items"])

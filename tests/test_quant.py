@@ -101,7 +101,7 @@ def test_quantizing_load_holds_no_full_precision_adapted_weight(tmp_path, target
                                                             seed=0).items()}, tmp_path / "base.pth")
     model = load_model(tmp_path / "base.pth", dtype=torch.float32, quantizing=True)
     plan = plan_adapters(model, [], ("bone", {"r": 16}))
-    prepare_peft(model, plan, quant="nf4", quant_targets=targets)
+    _, parts = prepare_peft(model, plan, ["head"] if targets == "adapted" else [], quant="nf4", quant_targets=targets)
 
     for name in plan:
         layer = model.get_submodule(name)
@@ -109,10 +109,12 @@ def test_quantizing_load_holds_no_full_precision_adapted_weight(tmp_path, target
         assert layer.weight.nbytes <= 0.3 * layer.weight.shape[0] * layer.weight.shape[1] * 2
     full = {n for n, t in [*model.named_parameters(), *model.named_buffers()]  # plain frozen matrices of a layer's size
             if type(t) in (torch.Tensor, torch.nn.Parameter) and not t.requires_grad and t.numel() >= 64 * 64}
-    # what stays full precision: the embedding, and the head unless every frozen linear is quantized
-    assert full == ({"emb.weight"} if targets == "all" else {"emb.weight", "head.weight"})
+    # what stays a frozen full-precision matrix: the embedding (the head is quantized, or trained here)
+    assert full == {"emb.weight"}
     assert isinstance(model.head, QuantizedLinear) == (targets == "all")
     assert all(p.dtype == torch.float32 for p in model.parameters())  # the rest in the working dtype
+    if targets == "adapted":  # a trained head stays the parameter --train_parts chose
+        assert parts["head.weight"] is model.head.weight and model.head.weight.requires_grad
     # the quantized model still computes (and a cast does not dequantize it)
     model.float()
     assert model(torch.tensor([[1, 2, 3]])).shape == (1, 3, 256)

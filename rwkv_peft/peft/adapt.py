@@ -307,13 +307,12 @@ def quantize_linears(model: RWKV, fmt: str, targets: str = "adapted") -> None:
             quantized = QuantizedWeight(layer.weight, fmt, dtype, name=name)
             del layer.weight  # a parameter's name cannot take a module
             layer.weight = quantized
-        elif type(layer) is nn.Linear and not layer.weight.requires_grad:
-            if targets == "all":
-                parent_name, _, attr = name.rpartition(".")
-                parent = model.get_submodule(parent_name) if parent_name else model
-                setattr(parent, attr, QuantizedLinear(QuantizedWeight(layer.weight, fmt, dtype, name=name)))
-            else:
-                layer.weight = nn.Parameter(layer.weight.detach().to(dtype), requires_grad=False)
+        elif type(layer) is nn.Linear and targets == "all" and not layer.weight.requires_grad:
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, attr, QuantizedLinear(QuantizedWeight(layer.weight, fmt, dtype, name=name)))
+        elif type(layer) is nn.Linear:
+            layer.weight.data = layer.weight.data.to(dtype)  # in place: a --train_parts head stays the same parameter
 
 
 def set_frozen_weight(layer: AdaptedLinear, weight: torch.Tensor) -> None:
