@@ -27,6 +27,14 @@ SETUPS = {
 }
 
 
+def eval_adapters(adapters: list[str], tmp: Path) -> dict[str, dict]:
+    """One rwkv_peft.eval call scores every adapter: {adapter path: its row (loss, task, items, ...)}."""
+    scores = tmp / "eval.json"
+    subprocess.run([sys.executable, "-m", "rwkv_peft.eval", "--adapter", *adapters, "--json", str(scores)],
+                   check=True, capture_output=True, text=True, cwd=ROOT)
+    return {r["model"]: r for r in json.loads(scores.read_text())}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
@@ -49,10 +57,7 @@ def main() -> None:
                     summary = json.loads((out / "summary.json").read_text())
                     runs.append({"setup": setup, "state_lr": rate, "seed": seed,
                                  "adapter": str(out / "adapter.safetensors"), "train_s": summary.get("time_s")})
-        scores = Path(tmp) / "eval.json"
-        subprocess.run([sys.executable, "-m", "rwkv_peft.eval", "--adapter", *[r["adapter"] for r in runs],
-                        "--json", str(scores)], check=True, capture_output=True, text=True, cwd=ROOT)
-        by_adapter = {r["model"]: r for r in json.loads(scores.read_text())}
+        by_adapter = eval_adapters([r["adapter"] for r in runs], Path(tmp))
     for r in runs:
         e = by_adapter[r.pop("adapter")]
         r.update(trainable=e["trainable"], loss=e["loss"], task=e["task"], items=e["items"])

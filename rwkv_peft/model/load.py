@@ -6,6 +6,7 @@ import os
 from typing import Mapping
 
 import torch
+import torch.nn as nn
 
 from ..errors import RWKVPeftError
 from ..io import load_tensor_file
@@ -37,25 +38,30 @@ def check_state_dict(sd: Mapping[str, torch.Tensor], model: RWKV, source: str = 
 
 
 def build_model(config: RWKVConfig, sd: Mapping[str, torch.Tensor], *, dtype=None, device="cpu",
-                source: str = "checkpoint", copy: bool = True) -> RWKV:
+                source: str = "checkpoint", copy: bool = True, quantizing: bool = False) -> RWKV:
     """An RWKV module holding the tensors of sd (checked against config), cast to dtype.
 
     copy=False lets the model share memory with sd where no cast is needed: only for a
     state dict nobody else holds (a freshly loaded file), since training writes in place.
+    quantizing=True leaves every linear weight as sd holds it (memory-mapped, in the file's
+    dtype) for the caller to quantize one layer at a time (peft/adapt.py: quantize_linears):
+    no full-precision copy of those weights is ever made.
     """
     with torch.device("meta"):
         model = RWKV(config)
     check_state_dict(sd, model, source)
     if dtype is None:
         dtype = sd["emb.weight"].dtype
-    tensors = {k: v.to(device=device, dtype=dtype, copy=copy) for k, v in sd.items()}
+    linear_weights = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    tensors = {k: v if quantizing and k in linear_weights else v.to(device=device, dtype=dtype, copy=copy)
+               for k, v in sd.items()}
     model.load_state_dict(tensors, strict=True, assign=True)
     return model
 
 
 def load_model(checkpoint: str | os.PathLike | Mapping[str, torch.Tensor], *, adapter=None,
                state: str | os.PathLike | None = None, dtype: torch.dtype | None = None,
-               device: str | torch.device = "cpu") -> RWKV:
+               device: str | torch.device = "cpu", quantizing: bool = False) -> RWKV:
     """Load an official RWKV-6 or RWKV-7 checkpoint (a .pth path or a state dict).
 
     Every size is inferred from tensor shapes. dtype=None keeps the checkpoint's dtype
@@ -63,6 +69,8 @@ def load_model(checkpoint: str | os.PathLike | Mapping[str, torch.Tensor], *, ad
     adapter: an adapter file path (or a read `Adapter`) to attach unmerged; it must have
     been trained on this checkpoint.
     state: a state file (blocks.<i>.att.time_state) to start from instead of the checkpoint's own.
+    quantizing: linear weights stay memory-mapped in the file's dtype, to be quantized next
+    (see build_model).
     """
     if isinstance(checkpoint, Mapping):
         sd, source = checkpoint, "state dict"
@@ -81,7 +89,7 @@ def load_model(checkpoint: str | os.PathLike | Mapping[str, torch.Tensor], *, ad
         check_base(adapter, sd, source)
     # a caller's state dict is copied so that training never writes into it
     model = build_model(config, sd, dtype=dtype, device=device, source=source,
-                        copy=isinstance(checkpoint, Mapping))
+                        copy=isinstance(checkpoint, Mapping), quantizing=quantizing)
     if adapter is not None:
         apply_adapter(model, adapter)
     if state is not None:

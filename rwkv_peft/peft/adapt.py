@@ -22,6 +22,7 @@ from ..errors import RWKVPeftError
 from ..model.rwkv import RWKV
 from ..model.time_state import add_time_state, state_parts
 from .methods import METHODS, PeftMethod, make_method
+from .quant import QuantizedLinear, QuantizedWeight
 
 DEFAULT_TARGETS = {
     7: ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value"),
@@ -32,12 +33,13 @@ TRAIN_PARTS = ("ln", "time", "emb", "head", "state")
 
 
 class AdaptedLinear(nn.Module):
-    """A frozen linear layer plus one PEFT method; `weight` keeps its official name."""
+    """A frozen linear layer plus one PEFT method; `weight` keeps its official name and is a
+    frozen tensor or a QuantizedWeight (--quant)."""
 
-    def __init__(self, weight: torch.Tensor, method: PeftMethod):
+    def __init__(self, weight: torch.Tensor | QuantizedWeight, method: PeftMethod):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.weight = weight if isinstance(weight, QuantizedWeight) else nn.Parameter(weight, requires_grad=False)
         self.adapter = method
 
     def forward(self, x):
@@ -132,7 +134,7 @@ def parse_rules(text: str | None) -> list[Rule]:
 
 
 def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, AdaptedLinear))}
+    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, AdaptedLinear, QuantizedLinear))}
 
 
 def _layer_kind(name: str) -> str:
@@ -199,14 +201,18 @@ def part_parameters(model: RWKV, parts: list[str] | tuple[str, ...]) -> dict[str
     return chosen
 
 
-def attach_adapters(model: RWKV, plan: dict[str, tuple[str, dict]], *, init: bool = True) -> dict[str, PeftMethod]:
+def attach_adapters(model: RWKV, plan: dict[str, tuple[str, dict]], *, init: bool = True,
+                    quant: str | None = None) -> dict[str, PeftMethod]:
     """Replace each planned nn.Linear by an AdaptedLinear; freeze everything else.
 
-    init=True initialises each method for training (PiSSA runs its SVD here); init=False
-    leaves them to be filled from an adapter file.
+    init=True initialises each method for training (PiSSA runs its SVD here, on the
+    full-precision weight); init=False leaves them to be filled from an adapter file.
+    quant (nf4, int8): each frozen weight is quantized as its layer is adapted, so no more than
+    one layer's full-precision temporary exists at a time (PiSSA quantizes its residual).
     """
     for p in model.parameters():
         p.requires_grad_(False)
+    dtype = model.emb.weight.dtype  # the working dtype: a weight kept in its file's dtype for quantizing may differ
     methods = {}
     for name, (method_name, hparams) in plan.items():
         parent_name, _, attr = name.rpartition(".")
@@ -216,10 +222,14 @@ def attach_adapters(model: RWKV, plan: dict[str, tuple[str, dict]], *, init: boo
             raise RWKVPeftError(f"layer {name} is already adapted")
         weight = linear.weight.detach()
         method = make_method(method_name, linear.in_features, linear.out_features, **hparams)
-        method.to(device=weight.device, dtype=weight.dtype)
+        method.to(device=weight.device, dtype=dtype)
+        if quant:
+            weight = weight.float()
         if init:
             method.reset_parameters(weight)
             weight = method.frozen_weight(weight)
+        if quant:
+            weight = QuantizedWeight(weight, quant, dtype, name=name)
         setattr(parent, attr, AdaptedLinear(weight, method))
         methods[name] = method
     return methods
@@ -271,13 +281,45 @@ def _ranges(ids: list[int]) -> str:
     return text if len(ids) == 1 else "{" + text + "}"
 
 
-def prepare_peft(model: RWKV, plan: dict[str, tuple[str, dict]], train_parts=(), *, init: bool = True
-                 ) -> tuple[dict, dict]:
-    """Attach adapters and unfreeze the --train_parts groups (init: see attach_adapters)."""
-    methods = attach_adapters(model, plan, init=init)
+def prepare_peft(model: RWKV, plan: dict[str, tuple[str, dict]], train_parts=(), *, init: bool = True,
+                 quant: str | None = None, quant_targets: str = "adapted") -> tuple[dict, dict]:
+    """Attach adapters and unfreeze the --train_parts groups (init, quant: see attach_adapters;
+    quant_targets: see quantize_linears)."""
+    methods = attach_adapters(model, plan, init=init, quant=quant)
     parts = part_parameters(model, train_parts)
     if "head" in train_parts and "head" in methods:
         raise RWKVPeftError("--train_parts head conflicts with an adapter on 'head'; choose one")
     for p in parts.values():
         p.requires_grad_(True)
+    if quant:
+        quantize_linears(model, quant, quant_targets)
     return methods, parts
+
+
+def quantize_linears(model: RWKV, fmt: str, targets: str = "adapted") -> None:
+    """Store frozen linear weights quantized, one layer at a time: every adapted layer's, and with
+    targets 'all' every other frozen linear layer's too, the head included. A frozen linear layer
+    left unquantized is brought to the model's working dtype (a quantizing load leaves every
+    linear weight in its file's dtype)."""
+    dtype = model.emb.weight.dtype
+    for name, layer in linear_layers(model).items():
+        if isinstance(layer, AdaptedLinear) and isinstance(layer.weight, torch.Tensor):
+            quantized = QuantizedWeight(layer.weight, fmt, dtype, name=name)
+            del layer.weight  # a parameter's name cannot take a module
+            layer.weight = quantized
+        elif type(layer) is nn.Linear and targets == "all" and not layer.weight.requires_grad:
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, attr, QuantizedLinear(QuantizedWeight(layer.weight, fmt, dtype, name=name)))
+        elif type(layer) is nn.Linear:
+            layer.weight.data = layer.weight.data.to(dtype)  # in place: a --train_parts head stays the same parameter
+
+
+def set_frozen_weight(layer: AdaptedLinear, weight: torch.Tensor) -> None:
+    """Replace an adapted layer's frozen weight (PiSSA's residual, on resume), quantized if it was."""
+    with torch.no_grad():
+        if isinstance(layer.weight, QuantizedWeight):
+            old = layer.weight
+            layer.weight = QuantizedWeight(weight, old.format, old.dtype).to(old.device)
+        else:
+            layer.weight.copy_(weight.to(layer.weight))

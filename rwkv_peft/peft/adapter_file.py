@@ -9,7 +9,8 @@ official module names:
     <official key>                                               whole tensors of --train_parts
     blocks.<i>.att.time_state [H, N, N] fp32                     the learned initial state (state tuning)
 and metadata "rwkv_peft" = JSON {"layers": {module: {"method", hyperparameters}},
-"parts": [...], "base": {what the base was: sizes, file, fingerprint}}.
+"parts": [...], "base": {what the base was: sizes, file, fingerprint}}, plus "quant":
+{"format": "nf4" | "int8", "targets": "adapted" | "all"} when the base was quantized in training.
 
 Adapter files of the RWKV-PEFT project (.pth) are read too: <module>.disha (2-D = Bone,
 3-D = Bat), <module>.bone, <module>.lora_A/lora_B, an optional "model." key prefix. Their
@@ -47,6 +48,7 @@ class Adapter:
     parts: dict[str, torch.Tensor] = field(default_factory=dict)  # official key -> whole tensor
     base: dict | None = None                         # what the base checkpoint was (None: unknown)
     source: str = "adapter"
+    quant: dict | None = None                        # how the frozen base was quantized in training (None: not)
 
 
 def base_fingerprint(sd: Mapping[str, torch.Tensor]) -> str:
@@ -71,8 +73,8 @@ def describe_base(sd: Mapping[str, torch.Tensor], config, path: str | os.PathLik
 
 
 def save_adapter(path: str | os.PathLike, methods: Mapping[str, PeftMethod],
-                 parts: Mapping[str, torch.Tensor], base: dict) -> None:
-    """Write an adapter file atomically."""
+                 parts: Mapping[str, torch.Tensor], base: dict, quant: dict | None = None) -> None:
+    """Write an adapter file atomically (quant: the training's --quant, recorded when given)."""
     from safetensors.torch import save
 
     tensors, layers = {}, {}
@@ -84,6 +86,8 @@ def save_adapter(path: str | os.PathLike, methods: Mapping[str, PeftMethod],
         t = t.detach().to("cpu")
         tensors[key] = (t.float() if is_state_key(key) else t).contiguous()
     config = {"format": FORMAT, "layers": layers, "parts": sorted(parts), "base": base}
+    if quant:
+        config["quant"] = quant
     data = save(tensors, metadata={"rwkv_peft": json.dumps(config)})
     atomic_write(path, lambda f: f.write(data))
 
@@ -139,7 +143,7 @@ def _read_ours(path: Path) -> Adapter:
     for key in part_keys:
         if key not in parts:
             raise RWKVPeftError(f"adapter {path}: missing trained tensor '{key}'")
-    return Adapter(layers, tensors, parts, config.get("base"), str(path))
+    return Adapter(layers, tensors, parts, config.get("base"), str(path), config.get("quant"))
 
 
 def _read_rwkv_peft(path: Path, lora_alpha: float | None, pissa_init: str | os.PathLike | None) -> Adapter:

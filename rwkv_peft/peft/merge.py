@@ -14,6 +14,7 @@ from tqdm import tqdm
 from ..errors import RWKVPeftError
 from ..model.load import load_model
 from ..model.time_state import is_state_key, state_parts
+from .adapt import quantize_linears
 from .adapter_file import Adapter
 from .methods import make_method
 
@@ -42,30 +43,40 @@ def probe_tokens(vocab_size: int, length: int = 64, seed: int = 0) -> torch.Tens
 
 
 @torch.no_grad()
-def verify_merge(base_sd, adapter: Adapter, merged_sd, tokens: torch.Tensor) -> tuple[float, float]:
+def verify_merge(base_sd, adapter: Adapter, merged_sd, tokens: torch.Tensor) -> tuple[float, float, float | None]:
     """Run base+adapter (unmerged) and the merged checkpoint in fp32 on tokens.
 
-    Returns (max |logit difference|, max |logit|).
+    Returns (max |logit difference|, max |logit|, and for an adapter trained over a quantized
+    base the max |logit difference| of that training-time model, else None).
     """
     adapted = load_model(base_sd, adapter=adapter, dtype=torch.float32)
     expected = adapted(tokens)
+    quantized_diff = None
+    if adapter.quant:  # the same model with its frozen weights quantized as in training
+        quantize_linears(adapted, adapter.quant["format"], adapter.quant.get("targets", "adapted"))
+        quantized_diff = (adapted(tokens) - expected).abs().max().item()
     del adapted
     merged = load_model(merged_sd, dtype=torch.float32)
     got = merged(tokens)
-    return (got - expected).abs().max().item(), expected.abs().max().item()
+    return (got - expected).abs().max().item(), expected.abs().max().item(), quantized_diff
 
 
 def check_merge(base_sd, adapter: Adapter, merged_sd, dtype: torch.dtype) -> str:
     """verify_merge against the dtype's tolerance: a report line, or RWKVPeftError beyond it."""
     tokens = probe_tokens(base_sd["emb.weight"].shape[0])
-    diff, scale = verify_merge(base_sd, adapter, merged_sd, tokens)
+    diff, scale, quantized_diff = verify_merge(base_sd, adapter, merged_sd, tokens)
     rel, tol = diff / max(scale, 1e-12), TOLERANCE.get(dtype, 5e-2)
     figures = (f"logits differ by {rel:.2g} of their scale, tolerance {tol:g} for "
                f"{str(dtype).removeprefix('torch.')} (max |difference| {diff:.3g}, max |logit| {scale:.3g})")
     if not rel <= tol:
         raise RWKVPeftError(f"verify FAILED: the merged model does not match base+adapter: {figures}; "
                             "refusing to write the merged file")
-    return f"verify: OK, the merged model matches base+adapter: {figures}"
+    report = f"verify: OK, the merged model matches base+adapter: {figures}"
+    if quantized_diff is not None:
+        report += (f"\nquantization: the training-time model (its base stored {adapter.quant['format']}) differs from "
+                   f"full-precision base+adapter by {quantized_diff / max(scale, 1e-12):.2g} of the logit scale (max "
+                   f"|difference| {quantized_diff:.3g}); the merged file holds the full-precision base + adapter")
+    return report
 
 
 def newest_adapter(root: str = "out") -> str:

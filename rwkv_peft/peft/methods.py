@@ -5,6 +5,7 @@ object serves training, merging and tests, so the merge cannot drift from traini
 
     frozen_weight(W)  the weight the adapted layer holds frozen (PiSSA: the residual W - B0 A0)
     forward(x, Wf)    the adapted layer's output for input x [..., in], Wf = frozen_weight(W)
+                      (a tensor, or a QuantizedWeight holding it quantized: peft/quant.py)
     delta(W)          fp32 [out, in] with  merged = W + delta(W),  W the original base weight
     tensors()         what an adapter file stores for this layer, by file name (lora_A, bone, ...)
 """
@@ -19,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import RWKVPeftError
+from .quant import frozen_linear
 
 
 class PeftMethod(nn.Module):
@@ -93,7 +95,7 @@ class LoRA(PeftMethod):
 
     def forward(self, x, weight):
         h = F.dropout(x, self.dropout, self.training) if self.dropout else x
-        return F.linear(x, weight) + self.scale * F.linear(F.linear(h, self.lora_A), self.lora_B)
+        return frozen_linear(x, weight) + self.scale * F.linear(F.linear(h, self.lora_A), self.lora_B)
 
     def delta(self, weight):
         return self.scale * (self.lora_B.float() @ self.lora_A.float())
@@ -165,7 +167,7 @@ class Bone(PeftMethod):
         return x.unflatten(-1, (-1, self.r)).sum(dim=-2)
 
     def forward(self, x, weight):
-        return F.linear(x, weight) + self.block_sum(x) @ self.bone
+        return frozen_linear(x, weight) + self.block_sum(x) @ self.bone
 
     def delta(self, weight):
         blocks = -(-self.in_features // self.r)
@@ -196,7 +198,7 @@ class Bat(PeftMethod):
         xb = x.unflatten(-1, (-1, self.r))                       # [..., in/r, r]
         z = torch.einsum("...bi,bji->...bj", xb, self.bat)       # z_b = D_b x_b
         s = z.sum(dim=-2)                                        # [..., r]
-        y = F.linear(x + z.flatten(-2), weight)
+        y = frozen_linear(x + z.flatten(-2), weight)
         return (y.unflatten(-1, (-1, self.r)) + s.unsqueeze(-2)).flatten(-2)
 
     def delta(self, weight):

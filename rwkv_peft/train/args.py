@@ -73,6 +73,12 @@ class TrainArgs:
     train_parts: list[str] = opt((), "whole tensor groups to train as well: ln time emb head, or state (a learned "
                                      "initial WKV state for every layer: state tuning; alone with --peft none)",
                                  "peft", nargs="*")
+    quant: str = opt("none", "store the frozen base weights under the adapters quantized (QLoRA-style, through "
+                             "torchao): nf4 (4-bit NormalFloat, about 0.26x the bf16 bytes) or int8 (per row, about "
+                             "0.5x); none keeps them in --precision. The adapters train in --precision either way",
+                     "peft")
+    quant_targets: str = opt("adapted", "with --quant: the weights of the adapted layers, or all (every frozen "
+                                        "linear layer, the head included)", "peft", choices=("adapted", "all"))
     state_lr: float | None = opt(None, f"peak learning rate of the learned state (--train_parts state), on the "
                                        f"schedule of --lr_init (default {STATE_LR:g})", "peft")
     # optimisation
@@ -210,8 +216,28 @@ def check_args(args: TrainArgs) -> None:
             raise RWKVPeftError(f"--{name} needs held-out data: add --val_file FILE or --val_split 0.05")
     if args.save_best and not has_val:
         raise RWKVPeftError("--save_best needs held-out data: add --val_file FILE or --val_split 0.05")
+    check_quant_args(args)
     if args.n_layer and args.load_model:
         raise RWKVPeftError("give either --load_model (fine-tune) or --n_layer/--n_embd (from scratch), not both")
+
+
+QUANT_CHOICES = ("none", "nf4", "int8")
+
+
+def check_quant_args(args: TrainArgs) -> None:
+    """--quant quantizes a frozen base under adapters: it needs a base and something frozen over it."""
+    if args.quant not in QUANT_CHOICES:
+        raise RWKVPeftError(f"--quant: unknown format '{args.quant}'; choose one of {', '.join(QUANT_CHOICES)}")
+    if args.quant == "none":
+        if args.quant_targets != "adapted":
+            raise RWKVPeftError(f"--quant_targets {args.quant_targets} needs --quant nf4 or int8")
+        return
+    adapts = args.peft in ("lora", "pissa", "bone", "bat") or (args.peft is None and not args.n_layer) or (
+        args.peft == "none" and args.peft_rules)
+    if not (adapts or (args.peft == "none" and args.train_parts and args.quant_targets == "all")):
+        raise RWKVPeftError(f"--quant {args.quant} quantizes the frozen base under adapters, but --peft "
+                            f"{args.peft or 'full (the default from scratch)'} adapts no layer; choose an adapter "
+                            "method (--peft bone, lora, pissa or bat), or drop --quant")
 
 
 def markdown_table() -> str:

@@ -25,8 +25,9 @@ from ..io import atomic_write, check_writable_dir, save_checkpoint_file
 from ..model import RWKVConfig, create_model, load_model
 from ..model.time_state import add_time_state
 from ..model.wkv import set_op as set_wkv_op
-from ..peft.adapt import parse_rules, plan_adapters, prepare_peft, trainable_summary
+from ..peft.adapt import parse_rules, plan_adapters, prepare_peft, set_frozen_weight, trainable_summary
 from ..peft.adapter_file import describe_base, save_adapter
+from ..peft.quant import import_torchao, quant_summary
 from .args import LR_INIT, STATE_LR, TrainArgs
 from .checkpoint import find_checkpoint, load_checkpoint, newest_run, save_checkpoint
 from .cpu_memory import choose_cpu_memory
@@ -77,7 +78,7 @@ def _model_and_tokenizer(args: TrainArgs, dtype):
     """The model to train and its tokenizer: --tokenizer auto chooses as chat and eval do for
     a checkpoint, and the World tokenizer for a new model."""
     if args.load_model:
-        model = load_model(args.load_model, dtype=dtype)
+        model = load_model(args.load_model, dtype=dtype, quantizing=args.quant != "none")
         return model, tokenizer_for(model.config.vocab_size, args.tokenizer)
     tokenizer = load_tokenizer("world" if args.tokenizer == "auto" else args.tokenizer)
     model = _new_model(args, args.vocab_size or tokenizer.vocab_size, dtype)
@@ -184,6 +185,8 @@ def _prepare(args: TrainArgs, main: bool, world: int) -> dict:
         raise RWKVPeftError("--precision fp16 needs a CUDA GPU (DeepSpeed has no fp16 on CPUs); "
                             "use --precision bf16 or fp32 here")
 
+    if args.quant != "none":
+        import_torchao(args.quant)  # a missing library fails here, before the model loads
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
     model, tokenizer = _model_and_tokenizer(args, dtype)
     base_sd = {k: v for k, v in model.state_dict().items()}  # before adapters: what merges start from
@@ -207,8 +210,12 @@ def _prepare(args: TrainArgs, main: bool, world: int) -> dict:
             raise RWKVPeftError("nothing to train: --peft none with rules that adapt no layer; "
                                 "choose a method or --train_parts")
         torch.manual_seed(args.random_seed)  # LoRA's Kaiming init
-        methods, parts = prepare_peft(model, plan, args.train_parts, init=resume_from is None)
+        quant = None if args.quant == "none" else args.quant
+        methods, parts = prepare_peft(model, plan, args.train_parts, init=resume_from is None, quant=quant,
+                                      quant_targets=args.quant_targets)
         log(trainable_summary(model, methods, parts))
+        if quant:
+            log(quant_summary(model))
     return {"proj_dir": proj_dir, "resume_from": resume_from, "config": config, "tokenizer": tokenizer,
             "model": model, "base_sd": base_sd, "base_path": base_path,
             "base_info": describe_base(base_sd, model.config, base_path), "full": full, "methods": methods,
@@ -282,8 +289,8 @@ def _train(args: TrainArgs, run: dict, deepspeed) -> dict:
             for name, method in methods.items():
                 if method.name != "pissa":
                     continue
-                layer = engine.module.get_submodule(name)
-                layer.weight.copy_(method.frozen_weight(base_sd[f"{name}.weight"].to(layer.weight)))
+                frozen = method.frozen_weight(base_sd[f"{name}.weight"].float())
+                set_frozen_weight(engine.module.get_submodule(name), frozen)
         validation.load_state(state.get("validation"))
         if step >= total_steps or validation.should_stop():
             how = "stopped early" if step < total_steps else "complete"
@@ -300,13 +307,15 @@ def _train(args: TrainArgs, run: dict, deepspeed) -> dict:
             kept = [line for line in metrics_path.read_text().splitlines() if _record_step(line) <= step]
         atomic_write(metrics_path, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
 
+    quant_record = None if args.quant == "none" else {"format": args.quant, "targets": args.quant_targets}
+
     def write_weights(target: Path):
         trainable = {n: p for n, p in engine.module.named_parameters() if p.requires_grad}
         if main:
             if full:
                 save_checkpoint_file({k: v.detach().cpu() for k, v in engine.module.state_dict().items()}, target)
             else:
-                save_adapter(target, methods, {k: trainable[k] for k in parts}, base_info)
+                save_adapter(target, methods, {k: trainable[k] for k in parts}, base_info, quant_record)
 
     def save(step: int, final: bool = False):
         if full:
