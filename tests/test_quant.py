@@ -167,3 +167,16 @@ def test_demo_over_an_nf4_base_learns_merges_and_loads_in_the_official_package(t
     official = run_official(7, [merged], tokens, [tmp_path / "official.pt"])[0]["full"]
     ours = load_model(merged, dtype=torch.float32)(torch.tensor([tokens]))[0]
     torch.testing.assert_close(official, ours, rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_recorded_quantization_is_refused_naming_the_file(tmp_path):
+    """An adapter file recording a quantization this version does not know is refused on read."""
+    from rwkv_peft import RWKVPeftError
+    from rwkv_peft.peft.adapter_file import save_adapter
+
+    methods = {"blocks.0.att.key": make_method("bone", IN, OUT, r=16)}
+    path = tmp_path / "a.safetensors"
+    save_adapter(path, methods, {}, {}, {"format": "fp3", "targets": "adapted"})
+    with pytest.raises(RWKVPeftError, match=rf"adapter {re.escape(str(path))}: malformed rwkv_peft config "
+                                            r"\(unknown quantization .*fp3"):
+        read_adapter(path)

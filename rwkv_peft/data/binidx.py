@@ -163,7 +163,7 @@ def read_binidx(path: str | os.PathLike) -> BinIdx:
     bin_bytes = bin_path.stat().st_size
     total = int(sizes.sum(dtype=np.int64)) * dtype.itemsize
     fix = ("the pair does not match (mixed up or partly written?); re-create both with "
-           f"python -m rwkv_peft.data.prepare")
+           "python -m rwkv_peft.data.prepare")
     if (sizes < 0).any():
         raise RWKVPeftError(f"{idx_path}: negative sequence sizes; {fix}")
     if bin_bytes != total:

@@ -37,6 +37,7 @@ from ..model.rwkv import RWKV
 from ..model.time_state import check_states, is_state_key, set_time_state, state_parts
 from .adapt import attach_adapters
 from .methods import METHODS, PeftMethod
+from .quant import QUANT_FORMATS
 
 FORMAT = "rwkv-peft-adapter/1"
 
@@ -128,6 +129,10 @@ def _read_ours(path: Path) -> Adapter:
         layers = {m: (spec["method"], {k: v for k, v in spec.items() if k != "method"})
                   for m, spec in config["layers"].items()}
         part_keys = list(config.get("parts", []))
+        quant = config.get("quant")
+        if quant is not None and (quant["format"] not in QUANT_FORMATS or quant.get("targets", "adapted")
+                                  not in ("adapted", "all")):
+            raise ValueError(f"unknown quantization {quant}; this version knows {', '.join(QUANT_FORMATS)}")
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise RWKVPeftError(f"adapter {path}: malformed rwkv_peft config ({e})") from None
     tensors: dict[str, dict[str, torch.Tensor]] = {m: {} for m in layers}
@@ -143,7 +148,7 @@ def _read_ours(path: Path) -> Adapter:
     for key in part_keys:
         if key not in parts:
             raise RWKVPeftError(f"adapter {path}: missing trained tensor '{key}'")
-    return Adapter(layers, tensors, parts, config.get("base"), str(path), config.get("quant"))
+    return Adapter(layers, tensors, parts, config.get("base"), str(path), quant)
 
 
 def _read_rwkv_peft(path: Path, lora_alpha: float | None, pissa_init: str | os.PathLike | None) -> Adapter:
