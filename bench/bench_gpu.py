@@ -40,7 +40,6 @@ import functools
 import gc
 import json
 import logging
-import os
 import platform
 import statistics
 import subprocess

@@ -22,6 +22,13 @@ Per run:
 * tokens/s: speed runs in one process per ctx, chunked and unchunked training steps
   interleaved (--reps of each after one warm-up of each), ctx / the median step time; the
   ratio is taken within that process, so load that comes and goes hits both modes alike.
+* ceiling: the best ratio any exact scheme with one piece of activation memory can reach,
+  measured in the same interleaved rounds: unchunked step time / (time of training the
+  pieces with the state carried and every piece's graph kept, no recompute + time of the
+  no-grad forward of every piece but the last, loss included). The second term is the
+  work exactness adds: each piece but the last must run forward once to hand its state on
+  and give the loss, and again in backward to give its gradients. "of ceiling" is ratio /
+  ceiling: how much of that the implementation reaches.
 """
 
 import argparse
@@ -95,6 +102,36 @@ def train_step(model, tokens, chunk: int, counter=None):
     model.zero_grad(set_to_none=True)
 
 
+def pieces_step(model, tokens, chunk: int):
+    """Forward + backward in pieces of chunk tokens with the state carried and every piece's
+    graph kept (no recompute; memory grows with ctx): chunked_loss's work minus its first pass."""
+    import torch
+
+    from rwkv_peft.train.loss import masked_ce_sum_of_piece
+
+    targets, mask, state, total = tokens.roll(-1, 1), torch.ones(tokens.shape), model.zero_state(1), 0.0
+    for start in range(0, tokens.shape[1], chunk):
+        piece = slice(start, start + chunk)
+        logits, state = model(tokens[:, piece], state)
+        total = total + masked_ce_sum_of_piece(logits, targets[:, piece], mask[:, piece], tokens.numel())[0]
+    (total / tokens.numel()).backward()
+    model.zero_grad(set_to_none=True)
+
+
+def first_pass(model, tokens, chunk: int):
+    """The no-grad forward of every piece but the last, loss included: the work exactness adds."""
+    import torch
+
+    from rwkv_peft.train.loss import masked_ce_sum_of_piece
+
+    targets, mask, state = tokens.roll(-1, 1), torch.ones(tokens.shape), model.zero_state(1)
+    with torch.no_grad():
+        for start in range(0, tokens.shape[1] - chunk, chunk):
+            piece = slice(start, start + chunk)
+            logits, state = model(tokens[:, piece], state)
+            masked_ce_sum_of_piece(logits, targets[:, piece], mask[:, piece], tokens.numel())
+
+
 def one_run(ctx: int, chunk: int, vocab: int) -> dict:
     import torch
 
@@ -114,21 +151,26 @@ def one_run(ctx: int, chunk: int, vocab: int) -> dict:
 
 
 def speed_run(ctx: int, chunk: int, vocab: int, reps: int) -> dict:
-    """Median tokens/s of chunked and whole training steps, interleaved in this process."""
+    """Median tokens/s of chunked and whole training steps, and the ceiling of their ratio
+    (module docstring), all interleaved in this process."""
     import torch
 
     model = bench_model(vocab)
     tokens = torch.randint(0, vocab, (1, ctx), generator=torch.Generator().manual_seed(0))
-    seconds = {chunk: [], 0: []}
+    runs = {"chunked": lambda: train_step(model, tokens, chunk), "whole": lambda: train_step(model, tokens, 0),
+            "pieces": lambda: pieces_step(model, tokens, chunk), "first_pass": lambda: first_pass(model, tokens, chunk)}
+    seconds = {mode: [] for mode in runs}
     for rep in range(reps + 1):
-        for mode in seconds:
+        for mode, run in runs.items():
             start = time.perf_counter()
-            train_step(model, tokens, mode)
+            run()
             if rep:  # the first round is the warm-up
                 seconds[mode].append(time.perf_counter() - start)
-    chunked, whole = (ctx / statistics.median(seconds[mode]) for mode in (chunk, 0))
-    return {"ctx": ctx, "chunked_tokens_per_s": round(chunked, 1), "whole_tokens_per_s": round(whole, 1),
-            "ratio": round(chunked / whole, 3), "load_average": round(os.getloadavg()[0], 2)}
+    t = {mode: statistics.median(s) for mode, s in seconds.items()}
+    ratio, ceiling = t["whole"] / t["chunked"], t["whole"] / (t["pieces"] + t["first_pass"])
+    return {"ctx": ctx, "chunked_tokens_per_s": round(ctx / t["chunked"], 1), "whole_tokens_per_s": round(ctx / t["whole"], 1),
+            "ratio": round(ratio, 3), "ceiling": round(ceiling, 3), "of_ceiling": round(ratio / ceiling, 3),
+            "seconds": {mode: round(v, 4) for mode, v in t.items()}, "load_average": round(os.getloadavg()[0], 2)}
 
 
 def main():
@@ -170,13 +212,14 @@ def main():
                 memory.append(r)
                 print(f"| {ctx} | {chunk or 'off'} | {r['saved_mb']} | {r['state_mb']} | {r['rss_mb']} |", flush=True)
     if args.only != "memory":
-        print("\n| ctx | chunked tok/s | unchunked tok/s | ratio | load average |\n|---:|---:|---:|---:|---:|")
+        print("\n| ctx | chunked tok/s | unchunked tok/s | ratio | ceiling | of ceiling | load average |\n"
+              "|---:|---:|---:|---:|---:|---:|---:|")
         for ctx in args.ctx:
             if ctx > args.max_whole or not (r := child("--speed", ctx)):
                 continue
             speed.append(r)
             print(f"| {ctx} | {r['chunked_tokens_per_s']} | {r['whole_tokens_per_s']} | {r['ratio']:.2f} | "
-                  f"{r['load_average']} |", flush=True)
+                  f"{r['ceiling']:.2f} | {r['of_ceiling']:.2f} | {r['load_average']} |", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"vocab": args.vocab, "chunk": args.chunk, "fixed_mmap": args.fixed_mmap,
                                                "reps": args.reps, "memory": memory, "speed": speed}, indent=1))

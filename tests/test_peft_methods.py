@@ -382,7 +382,6 @@ def test_pissa_delta_after_training_step():
 
 
 def test_pissa_scale_is_one():
-    W = torch.randn(8, 8, generator=gen(27))
     m = make_method("pissa", 8, 8, r=3)
     assert m.scale == 1.0
 

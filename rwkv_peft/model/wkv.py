@@ -553,4 +553,5 @@ def _kernel_accepted(reason: str | None) -> bool:
 def _warn_fallback(reason: str) -> None:
     """One line on stderr, once per distinct reason."""
     print(f"warning: WKV CUDA kernel not used: {reason}. Going on with the PyTorch chunked path "
-          f"(same results, slower); train.py --op torch skips the kernel", file=sys.stderr, flush=True)
+          f"(same results, slower). Training: train.py --op torch skips the kernel and this warning; "
+          f"--op cuda stops instead", file=sys.stderr, flush=True)

@@ -225,9 +225,12 @@ def _prepare(args: TrainArgs, main: bool, world: int) -> dict:
 def _train(args: TrainArgs, run: dict, deepspeed) -> dict:
     from ..data.datasets import load_training_data
 
+    from tqdm import tqdm
+
     rank, world = dist.get_rank(), dist.get_world_size()
     main = rank == 0
-    log = print if main else (lambda *a, **k: None)
+    # tqdm.write: validation replies and the early-stop line print above the progress bar, not through it
+    log = (lambda *parts: tqdm.write(" ".join(map(str, parts)))) if main else (lambda *a, **k: None)
     device = device_for_rank()
     proj_dir, resume_from, config, tokenizer = run["proj_dir"], run["resume_from"], run["config"], run["tokenizer"]
     model, base_sd, base_path, base_info = run["model"], run["base_sd"], run["base_path"], run["base_info"]
@@ -337,8 +340,6 @@ def _train(args: TrainArgs, run: dict, deepspeed) -> dict:
     log(f"\ntraining {total_steps} steps of {global_batch} x {args.ctx_len} tokens on {world} "
         f"{device.type} process(es), ZeRO stage {config['zero_optimization']['stage']}, {args.precision}; "
         f"{pieces}writing to {proj_dir}")
-    from tqdm import tqdm
-
     bar = tqdm(total=total_steps, initial=step, disable=not main, unit="step", dynamic_ncols=True)
     start, first_step, losses, skipped = time.perf_counter(), step, [], 0
     stop = StopRequest(announce=main)
