@@ -102,19 +102,24 @@ def train_step(model, tokens, chunk: int, counter=None):
     model.zero_grad(set_to_none=True)
 
 
-def pieces_step(model, tokens, chunk: int):
-    """Forward + backward in pieces of chunk tokens with the state carried and every piece's
-    graph kept (no recompute; memory grows with ctx): chunked_loss's work minus its first pass."""
+def piece_ce_sums(model, tokens, chunk: int, end: int):
+    """The masked cross-entropy sum of each piece of chunk tokens that starts before `end`, with
+    the state carried from piece to piece (autograd as the caller has it)."""
     import torch
 
     from rwkv_peft.train.loss import masked_ce_sum_of_piece
 
-    targets, mask, state, total = tokens.roll(-1, 1), torch.ones(tokens.shape), model.zero_state(1), 0.0
-    for start in range(0, tokens.shape[1], chunk):
+    targets, mask, state = tokens.roll(-1, 1), torch.ones(tokens.shape), model.zero_state(1)
+    for start in range(0, end, chunk):
         piece = slice(start, start + chunk)
         logits, state = model(tokens[:, piece], state)
-        total = total + masked_ce_sum_of_piece(logits, targets[:, piece], mask[:, piece], tokens.numel())[0]
-    (total / tokens.numel()).backward()
+        yield masked_ce_sum_of_piece(logits, targets[:, piece], mask[:, piece], tokens.numel())[0]
+
+
+def pieces_step(model, tokens, chunk: int):
+    """Forward + backward in pieces of chunk tokens with the state carried and every piece's
+    graph kept (no recompute; memory grows with ctx): chunked_loss's work minus its first pass."""
+    (sum(piece_ce_sums(model, tokens, chunk, tokens.shape[1])) / tokens.numel()).backward()
     model.zero_grad(set_to_none=True)
 
 
@@ -122,14 +127,9 @@ def first_pass(model, tokens, chunk: int):
     """The no-grad forward of every piece but the last, loss included: the work exactness adds."""
     import torch
 
-    from rwkv_peft.train.loss import masked_ce_sum_of_piece
-
-    targets, mask, state = tokens.roll(-1, 1), torch.ones(tokens.shape), model.zero_state(1)
     with torch.no_grad():
-        for start in range(0, tokens.shape[1] - chunk, chunk):
-            piece = slice(start, start + chunk)
-            logits, state = model(tokens[:, piece], state)
-            masked_ce_sum_of_piece(logits, targets[:, piece], mask[:, piece], tokens.numel())
+        for _ in piece_ce_sums(model, tokens, chunk, tokens.shape[1] - chunk):
+            pass
 
 
 def one_run(ctx: int, chunk: int, vocab: int) -> dict:

@@ -37,7 +37,7 @@ from ..model.rwkv import RWKV
 from ..model.time_state import check_states, is_state_key, set_time_state, state_parts
 from .adapt import attach_adapters
 from .methods import METHODS, PeftMethod
-from .quant import QUANT_FORMATS
+from .quant import QUANT_FORMATS, QUANT_TARGETS
 
 FORMAT = "rwkv-peft-adapter/1"
 
@@ -131,7 +131,7 @@ def _read_ours(path: Path) -> Adapter:
         part_keys = list(config.get("parts", []))
         quant = config.get("quant")
         if quant is not None and (quant["format"] not in QUANT_FORMATS or quant.get("targets", "adapted")
-                                  not in ("adapted", "all")):
+                                  not in QUANT_TARGETS):
             raise ValueError(f"unknown quantization {quant}; this version knows {', '.join(QUANT_FORMATS)}")
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise RWKVPeftError(f"adapter {path}: malformed rwkv_peft config ({e})") from None

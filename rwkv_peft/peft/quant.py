@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from ..errors import RWKVPeftError
 
 QUANT_FORMATS = ("nf4", "int8")
+QUANT_TARGETS = ("adapted", "all")  # --quant_targets: the adapted layers, or every frozen linear
 NF4_BLOCK = 64            # values per absmax scaler (QLoRA's choice)
 NF4_SCALER_GROUP = 256    # scalers per int8 group of the double quantization (QLoRA's choice)
 

@@ -60,8 +60,7 @@ class _Piece(torch.autograd.Function):
 
 def _run_piece(run, state: RWKVState, params):
     if params is None:  # ZeRO-3: see the module docstring
-        ce_sum, state = checkpoint(run, state, use_reentrant=False)
-        return ce_sum, state
+        return checkpoint(run, state, use_reentrant=False)
     ce_sum, *carried = _Piece.apply(run, state.att_shift, state.wkv, state.ffn_shift, *params)
     return ce_sum, RWKVState(*carried)
 

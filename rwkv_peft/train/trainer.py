@@ -223,9 +223,9 @@ def _prepare(args: TrainArgs, main: bool, world: int) -> dict:
 
 
 def _train(args: TrainArgs, run: dict, deepspeed) -> dict:
-    from ..data.datasets import load_training_data
-
     from tqdm import tqdm
+
+    from ..data.datasets import load_training_data
 
     rank, world = dist.get_rank(), dist.get_world_size()
     main = rank == 0
