@@ -55,6 +55,7 @@ sys.path.insert(0, str(REPO))
 
 from rwkv_peft.model import RWKV, RWKVConfig  # noqa: E402
 from rwkv_peft.model import wkv as wkv_torch  # noqa: E402
+from rwkv_peft.model import wkv_dispatch  # noqa: E402
 from rwkv_peft.model import wkv_cuda  # noqa: E402
 
 MODELS = {  # name: (n_layer, n_embd, (d_decay, d_aaa, d_mv, d_gate))
@@ -544,7 +545,7 @@ def main(argv=None) -> int:
 
         if not dist.is_initialized():
             deepspeed.init_distributed(dist_backend="nccl", verbose=False)
-        wkv_torch.set_op(args.op)
+        wkv_dispatch.set_op(args.op)
         print(f"WKV op in the model: {args.op}")
         try:
             for model_name, ctx, mb, grad_cp, method in training_plan(args):

@@ -14,13 +14,12 @@ import torch.nn.functional as F
 from rwkv_peft.model.wkv import (
     WKV6_CHUNK_LEN,
     WKV7_CHUNK_LEN,
-    wkv6,
     wkv6_chunked,
     wkv6_sequential,
-    wkv7,
     wkv7_chunked,
     wkv7_sequential,
 )
+from rwkv_peft.model.wkv_dispatch import wkv6, wkv7
 
 F64 = torch.float64
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rwkv_peft.model import wkv, wkv_cuda
+from rwkv_peft.model import wkv_cuda, wkv_dispatch
 from rwkv_peft.model.wkv import wkv6_chunked, wkv6_sequential, wkv7_chunked, wkv7_sequential
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -205,12 +205,12 @@ def test_self_test_passes_on_this_gpu():
 
 @contextlib.contextmanager
 def _wkv_op(name):
-    previous = wkv.get_op()
-    wkv.set_op(name)
+    previous = wkv_dispatch.get_op()
+    wkv_dispatch.set_op(name)
     try:
         yield
     finally:
-        wkv.set_op(previous)
+        wkv_dispatch.set_op(previous)
 
 
 def _model(version, dtype):
@@ -299,7 +299,7 @@ def test_a_wrong_kernel_is_caught_once_and_the_model_falls_back(monkeypatch, cap
     monkeypatch.setattr(wkv_cuda, "self_test", counted_self_test)
     monkeypatch.setattr(wkv_cuda, "load_extension", lambda head_size, device=None: Faulty())
     monkeypatch.setattr(wkv_cuda, "_reasons", {})
-    wkv._warn_fallback.cache_clear()
+    wkv_dispatch._warn_fallback.cache_clear()
     model = _model(7, torch.float32).eval()
     tokens = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(6)).to(DEV)
     with torch.no_grad(), _wkv_op("auto"):
@@ -314,4 +314,4 @@ def test_a_wrong_kernel_is_caught_once_and_the_model_falls_back(monkeypatch, cap
     assert "y (no grad)" in lines[0]
     with torch.no_grad(), _wkv_op("cuda"), pytest.raises(RWKVPeftError, match="self-test failed"):
         model(tokens)
-    wkv._warn_fallback.cache_clear()
+    wkv_dispatch._warn_fallback.cache_clear()

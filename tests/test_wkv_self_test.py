@@ -1,5 +1,5 @@
 """The start-up self-test of the WKV CUDA kernel (rwkv_peft/model/wkv_self_test.py) and the
-fallback decision around it (rwkv_peft/model/wkv_cuda.py, wkv.py), on the CPU.
+fallback decision around it (rwkv_peft/model/wkv_cuda.py, wkv_dispatch.py), on the CPU.
 
 Stand-ins for the kernel: the per-token loops of rwkv_peft.model.wkv (an implementation
 independent of the chunked form the self-test compares with) must pass; kernels with one
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from rwkv_peft.errors import RWKVPeftError
-from rwkv_peft.model import wkv, wkv_cuda
+from rwkv_peft.model import wkv_cuda, wkv_dispatch
 from rwkv_peft.model.wkv import wkv6_chunked, wkv6_sequential, wkv7_chunked, wkv7_sequential
 from rwkv_peft.model.wkv_self_test import self_test
 
@@ -152,19 +152,19 @@ def test_a_failing_build_is_reported_with_its_error_line(monkeypatch):
 
 @pytest.fixture
 def op():
-    previous = wkv.get_op()
-    wkv._warn_fallback.cache_clear()
-    yield wkv.set_op
-    wkv.set_op(previous)
-    wkv._warn_fallback.cache_clear()
+    previous = wkv_dispatch.get_op()
+    wkv_dispatch._warn_fallback.cache_clear()
+    yield wkv_dispatch.set_op
+    wkv_dispatch.set_op(previous)
+    wkv_dispatch._warn_fallback.cache_clear()
 
 
 def test_auto_falls_back_with_one_warning_line_once(op, capsys):
     op("auto")
     reason = "RWKV-7 kernel self-test failed on cuda:0 (X): dw is off by 3.0e-01"
-    assert wkv._kernel_accepted(reason) is False
-    assert wkv._kernel_accepted(reason) is False
-    assert wkv._kernel_accepted(None) is True
+    assert wkv_dispatch._kernel_accepted(reason) is False
+    assert wkv_dispatch._kernel_accepted(reason) is False
+    assert wkv_dispatch._kernel_accepted(None) is True
     captured = capsys.readouterr()
     assert captured.out == ""
     lines = captured.err.splitlines()
@@ -175,5 +175,5 @@ def test_auto_falls_back_with_one_warning_line_once(op, capsys):
 def test_op_cuda_stops_with_the_reason(op, capsys):
     op("cuda")
     with pytest.raises(RWKVPeftError, match="--op cuda: the WKV CUDA kernel cannot be used: .*dw is off"):
-        wkv._kernel_accepted("RWKV-7 kernel self-test failed on cuda:0 (X): dw is off by 3.0e-01")
+        wkv_dispatch._kernel_accepted("RWKV-7 kernel self-test failed on cuda:0 (X): dw is off by 3.0e-01")
     assert capsys.readouterr().err == ""

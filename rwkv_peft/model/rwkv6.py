@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .common import matrix, token_shift, vector
 from .config import RWKVConfig
-from .wkv import wkv6
+from .wkv_dispatch import wkv6
 
 
 class TimeMix6(nn.Module):

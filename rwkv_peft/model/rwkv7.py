@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .common import matrix, token_shift, vector
 from .config import RWKVConfig
-from .wkv import wkv7
+from .wkv_dispatch import wkv7
 
 
 class TimeMix7(nn.Module):

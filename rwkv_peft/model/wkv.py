@@ -26,22 +26,12 @@ Conventions (batch first, heads split):
 from __future__ import annotations
 
 import functools
-import sys
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = [
-    "wkv7_sequential",
-    "wkv7_chunked",
-    "wkv7",
-    "wkv6_sequential",
-    "wkv6_chunked",
-    "wkv6",
-    "set_op",
-    "get_op",
-]
+__all__ = ["wkv7_sequential", "wkv7_chunked", "wkv6_sequential", "wkv6_chunked"]
 
 # Chunk lengths, chosen by measurement on the 2-core CPU (N = 64, B*H in 4..64,
 # T in 512..2048, forward and forward+backward, 16 / 32 / 64 compared in the same runs):
@@ -354,18 +344,6 @@ def _wkv7_chunked_core(r, w, k, v, a, b, S, L, dt) -> tuple[Tensor, Tensor]:
     return _unpack(y.view(nc, B, H, L, N), T), S.view(B, H, N, N)
 
 
-def wkv7(r, w, k, v, a, b, state=None) -> tuple[Tensor, Tensor]:
-    """RWKV-7 WKV: the CUDA kernel for GPU tensors when it is usable (see set_op), else
-    chunked (one token, as in generation: the plain step, which skips the chunk setup)."""
-    if _use_cuda(r, version=7):
-        from .wkv_cuda import wkv7_cuda
-
-        return wkv7_cuda(r, w, k, v, a, b, state)
-    if r.shape[1] == 1:
-        return wkv7_sequential(r, w, k, v, a, b, state)
-    return wkv7_chunked(r, w, k, v, a, b, state)
-
-
 # ----------------------------------------------------------------------------------
 # RWKV-6
 # ----------------------------------------------------------------------------------
@@ -486,72 +464,3 @@ def _wkv6_chunked_core(r, w, k, v, u, S, L, dt) -> tuple[Tensor, Tensor]:
         (A @ vv).view(nc * BH, L, N), r_t.view(nc * BH, L, N), S0.view(nc * BH, N, N)
     )
     return _unpack(y.view(nc, B, H, L, N), T), S.view(B, H, N, N)
-
-
-def wkv6(r, w, k, v, u, state=None) -> tuple[Tensor, Tensor]:
-    """RWKV-6 WKV: the CUDA kernel for GPU tensors when it is usable (see set_op), else
-    chunked (one token, as in generation: the plain step, which skips the chunk setup)."""
-    if _use_cuda(r, version=6):
-        from .wkv_cuda import wkv6_cuda
-
-        return wkv6_cuda(r, w, k, v, u, state)
-    if r.shape[1] == 1:
-        return wkv6_sequential(r, w, k, v, u, state)
-    return wkv6_chunked(r, w, k, v, u, state)
-
-
-# ----------------------------------------------------------------------------------
-# Choosing the implementation
-# ----------------------------------------------------------------------------------
-
-OPS = ("auto", "cuda", "torch")
-_op = "auto"  # process-wide, set once at start-up by the trainer (--op) or by tests
-
-
-def set_op(name: str) -> None:
-    """'auto': the CUDA kernel for GPU tensors when it builds and passes its start-up self-test,
-    else PyTorch (with one warning line naming the cause); 'cuda': the kernel or an error;
-    'torch': always the PyTorch forms."""
-    global _op
-    if name not in OPS:
-        raise ValueError(f"WKV op must be one of {', '.join(OPS)}, got {name!r}")
-    _op = name
-
-
-def get_op() -> str:
-    return _op
-
-
-def _use_cuda(r: Tensor, version: int) -> bool:
-    if _op == "torch" or r.dtype == torch.float64:
-        return False
-    if r.device.type != "cuda":
-        if _op == "cuda":
-            from ..errors import RWKVPeftError
-
-            raise RWKVPeftError("--op cuda needs the model on a CUDA GPU; use --op auto or torch on the CPU")
-        return False
-    from .wkv_cuda import cuda_unavailable_reason
-
-    return _kernel_accepted(cuda_unavailable_reason(r.device, r.shape[-1], version))
-
-
-def _kernel_accepted(reason: str | None) -> bool:
-    """True when there is no reason against the kernel; else fall back with one warning line
-    (--op auto) or stop (--op cuda)."""
-    if reason is None:
-        return True
-    if _op == "cuda":
-        from ..errors import RWKVPeftError
-
-        raise RWKVPeftError(f"--op cuda: the WKV CUDA kernel cannot be used: {reason}")
-    _warn_fallback(reason)
-    return False
-
-
-@functools.lru_cache(maxsize=None)
-def _warn_fallback(reason: str) -> None:
-    """One line on stderr, once per distinct reason."""
-    print(f"warning: WKV CUDA kernel not used: {reason}. Going on with the PyTorch chunked path "
-          f"(same results, slower). Training: train.py --op torch skips the kernel and this warning; "
-          f"--op cuda stops instead", file=sys.stderr, flush=True)

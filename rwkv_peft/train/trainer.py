@@ -24,7 +24,7 @@ from ..errors import RWKVPeftError
 from ..io import atomic_write, check_writable_dir, save_checkpoint_file
 from ..model import RWKVConfig, create_model, load_model
 from ..model.time_state import add_time_state
-from ..model.wkv import set_op as set_wkv_op
+from ..model.wkv_dispatch import set_op as set_wkv_op
 from ..peft.adapt import parse_rules, plan_adapters, prepare_peft, set_frozen_weight, trainable_summary
 from ..peft.adapter_file import describe_base, save_adapter
 from ..peft.quant import import_torchao, quant_summary
