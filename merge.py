@@ -6,7 +6,7 @@
 
 import sys
 
-from rwkv_peft.cli import merge as main
+from rwkv_peft.commands import merge as main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,7 +7,7 @@
 
 import sys
 
-from rwkv_peft.cli import train as main
+from rwkv_peft.commands import train as main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -248,9 +248,8 @@ def _free_memory():
 def train_row(deepspeed, args, model_name, ctx, mb, grad_cp, method, device) -> dict:
     from rwkv_peft.peft.adapt import plan_adapters, prepare_peft
     from rwkv_peft.train.args import TrainArgs
-    from rwkv_peft.train.engine import deepspeed_config, make_optimizer
-    from rwkv_peft.train.loss import masked_loss
-    from rwkv_peft.train.trainer import _param_groups  # weight decay on matrices, w0 at 2x lr
+    from rwkv_peft.train.engine import deepspeed_config, make_optimizer, param_groups
+    from rwkv_peft.loss import masked_loss
 
     row = {"model": model_name, "ctx": ctx, "micro_bsz": mb, "grad_cp": grad_cp, "method": method, "op": args.op,
            "gpu": torch.cuda.get_device_name(device)}
@@ -266,9 +265,9 @@ def train_row(deepspeed, args, model_name, ctx, mb, grad_cp, method, device) -> 
         row["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         row["params"] = sum(p.numel() for p in model.parameters())
         model.grad_checkpointing = bool(grad_cp)
-        targs = TrainArgs(micro_bsz=mb, ctx_len=ctx, precision="bf16", grad_cp=grad_cp, lr_init=1e-5,
+        targs = TrainArgs(micro_bsz=mb, ctx_len=ctx, precision="bf16", grad_cp=grad_cp, lr_init=1e-5, state_lr=1.0,
                           strategy="deepspeed_stage_1", peft="none" if method == "full" else method)
-        optimizer = make_optimizer(_param_groups(model, targs), targs, device, offloaded=False)
+        optimizer = make_optimizer(param_groups(model, targs), targs, device, offloaded=False)
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,

@@ -30,7 +30,7 @@ def main():
     import torch
 
     from rwkv_peft.model import RWKVConfig, create_model
-    from rwkv_peft.train.loss import masked_ce_sum_of_piece
+    from rwkv_peft.loss import masked_ce_sum_of_piece
 
     torch.set_num_threads(1)
     print("| shape | piece, whole ms | blocks only ms | head + loss share |\n|---|---:|---:|---:|")

@@ -89,7 +89,7 @@ def train_step(model, tokens, chunk: int, counter=None):
     import torch
 
     from rwkv_peft.train.long_context import chunked_loss
-    from rwkv_peft.train.loss import masked_loss
+    from rwkv_peft.loss import masked_loss
 
     mask = torch.ones(tokens.shape)
     hooks = torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack) if counter else None
@@ -107,7 +107,7 @@ def piece_ce_sums(model, tokens, chunk: int, end: int):
     the state carried from piece to piece (autograd as the caller has it)."""
     import torch
 
-    from rwkv_peft.train.loss import masked_ce_sum_of_piece
+    from rwkv_peft.loss import masked_ce_sum_of_piece
 
     targets, mask, state = tokens.roll(-1, 1), torch.ones(tokens.shape), model.zero_state(1)
     for start in range(0, end, chunk):

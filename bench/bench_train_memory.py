@@ -112,7 +112,7 @@ def breakdown(work: Path, args) -> list[tuple[str, float]]:
     """(part of a training step, MB): sizes counted from tensors, and the loss's peak from the RSS."""
     from rwkv_peft import load_model
     from rwkv_peft.peft.adapt import attach_adapters, plan_adapters
-    from rwkv_peft.train.loss import masked_loss
+    from rwkv_peft.loss import masked_loss
 
     model = load_model(str(work / "base.pth"), dtype=torch.float32)
     attach_adapters(model, plan_adapters(model, [], ("lora", {"r": 32, "alpha": 32})))

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from .assets import DEMO_BASE
-from .peft.adapter_file import add_foreign_adapter_flags
+from .cli import add_foreign_adapter_flags, run_command
 
 
 def parse_args(argv=None, prog=None):
@@ -141,7 +141,7 @@ def run(args) -> int:
 
     from .data.tokenizer import tokenizer_for
     from .generate import Sampling, set_threads
-    from .model import load_model
+    from .peft.load import load_model
 
     interactive = not args.prompt
     err = sys.stderr
@@ -222,19 +222,4 @@ def run(args) -> int:
 
 
 def main(argv=None, prog=None) -> int:
-    args = parse_args(argv, prog)
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
-    except Exception as e:  # noqa: BLE001 - one line for the user, the traceback with --debug
-        if args.debug:
-            raise
-        from .errors import RWKVPeftError
-
-        msg = str(e).splitlines()[0] if str(e) else ""
-        print(f"error: {msg}" if isinstance(e, RWKVPeftError) else f"error: {type(e).__name__}: {msg}",
-              file=sys.stderr)
-        return 2 if isinstance(e, RWKVPeftError) else 1
-
+    return run_command(lambda argv: run(parse_args(argv, prog)), argv)

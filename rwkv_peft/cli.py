@@ -1,84 +1,54 @@
-"""The commands behind the thin scripts train.py and merge.py and the installed
-rwkv-peft-train and rwkv-peft-merge: each parses its flags, runs, and turns a RWKVPeftError
-into one `error:` line (exit code 2), a traceback only with --debug."""
+"""What every command shares: one way to end on an error, and the flags several commands take.
+
+`run_command` wraps each entry point (train, merge, chat, eval, run, prepare): a RWKVPeftError
+becomes one `error:` line and exit code 2 (its traceback only with --debug), Ctrl-C exit code
+130. This module sits at the bottom of the package, so commands at any layer can use it.
+"""
+
+from __future__ import annotations
 
 import argparse
 import os
 import sys
+from typing import Callable, Sequence
 
 from .errors import RWKVPeftError
-from .train.args import parse_args  # light: torch and DeepSpeed load only after the flags parse
 
-TRAIN_HELP = """Fine-tune an RWKV-7 or RWKV-6 model with LoRA, PiSSA, Bone or Bat (or fully), on DeepSpeed.
-
-    python train.py --peft bone --bone_r 64          # the embedded demo: tiny base, chat data
-    python train.py --load_model RWKV-x070-World-1.5B.pth --data_file my.jsonl --peft lora --lora_r 32
-    python train.py --peft none --train_parts state  # state tuning: only the initial state of every layer
-    torchrun --nproc_per_node 4 train.py ...         # or: deepspeed train.py ...
-"""
-
-MERGE_HELP = """Fold a trained adapter into a plain RWKV checkpoint that any RWKV runtime loads.
-
-    python merge.py                                   # newest adapter under out/, its recorded base
-    python merge.py --base base.pth --adapter out/adapter.safetensors --output merged.pth
-    python merge.py --state_only --adapter out/adapter.safetensors --output state.pth   # state tuning
-"""
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 
 
-def train(argv=None, prog: str = "train.py") -> int:
-    """The training command (train.py, rwkv-peft-train)."""
-    argv = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in argv
+def run_command(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | None = None) -> int:
+    """Run main(argv) and turn how it ends into an exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = parse_args(argv, prog=prog, description=TRAIN_HELP)  # --help exits here, before the heavy imports
-        from .train.trainer import train as run_training
-
-        run_training(args)
+        return main(argv) or 0
     except RWKVPeftError as e:
-        if debug:
+        if "--debug" in argv:
             raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_ERROR
     except KeyboardInterrupt:
-        if os.environ.get("RANK", "0") == "0":  # one message for the run, not one per process
-            print("stopped", file=sys.stderr)
-        return 130
-    return 0
+        if os.environ.get("RANK", "0") == "0":  # one message for a run of many processes
+            print("stopped", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
 
 
-def merge(argv=None, prog: str = "merge.py") -> int:
-    """The merge command (merge.py, rwkv-peft-merge)."""
-    from .peft.adapter_file import add_foreign_adapter_flags
-    from .peft.merge import merge_files, newest_adapter, write_state_only
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keep the description's line breaks; show every option's default, except None: those
+    options say in their help what happens when they are left out."""
 
-    p = argparse.ArgumentParser(prog=prog, description=MERGE_HELP,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base", help="the base checkpoint, .pth or .safetensors (default: the one the adapter was "
-                                  "trained on)")
-    p.add_argument("--adapter", help="adapter file: ours (.safetensors) or RWKV-PEFT's (.pth) "
-                                     "(default: the newest under out/)")
-    p.add_argument("--output", help="merged checkpoint to write, .pth or .safetensors (default: merged.pth beside "
-                                    "the adapter)")
-    p.add_argument("--no_verify", action="store_true",
-                   help="skip running base+adapter and merged on a probe sequence (needs two fp32 copies in RAM)")
-    p.add_argument("--state_only", action="store_true",
-                   help="write only the learned initial state (--train_parts state) as a state file (default: "
-                        "state.pth beside the adapter), to use beside the unchanged base: chat.py --state FILE")
-    add_foreign_adapter_flags(p)
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    args = p.parse_args(argv)
-    try:
-        adapter = args.adapter or newest_adapter("out")
-        if args.state_only:
-            output = write_state_only(adapter, args.output, args.base)
-        else:
-            output = merge_files(args.base, adapter, args.output, verify=not args.no_verify,
-                                 lora_alpha=args.lora_alpha, pissa_init=args.pissa_init)
-    except RWKVPeftError as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if not args.state_only:  # write_state_only says its own next step
-        print(f"next: python demo/chat.py --model {output}")
-    return 0
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def add_foreign_adapter_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags that say what an RWKV-PEFT lora_A/lora_B .pth adapter is (it does not record it)."""
+    parser.add_argument("--lora_alpha", type=float,
+                        help="an RWKV-PEFT LoRA .pth adapter: the alpha it was trained with (the file does not "
+                             "record it; RWKV-PEFT's trainer default is 32)")
+    parser.add_argument("--pissa_init", metavar="FILE",
+                        help="an RWKV-PEFT PiSSA .pth adapter: the init_pissa.pth its run wrote (merged = "
+                             "W + B A - B0 A0)")

@@ -29,15 +29,13 @@ from pathlib import Path
 import torch
 
 from .assets import DEMO_HELDOUT
+from .cli import HelpFormatter, add_foreign_adapter_flags, run_command
 from .errors import RWKVPeftError
-from .train.loss import masked_ce_sum
+from .scoring import heldout_loss, read_records, task_items, task_score
 
 
 
 def parse_args(argv=None):
-    from .peft.adapter_file import add_foreign_adapter_flags
-    from .train.args import HelpFormatter
-
     p = argparse.ArgumentParser(prog="python -m rwkv_peft.eval", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", help="checkpoint to evaluate; with --adapter, the base the adapters run on "
                                    "(default: the base recorded in the first adapter)")
@@ -56,87 +54,6 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, help="CPU threads (default: 1 for models under 20M parameters)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
-
-
-def read_records(path: str) -> list[dict]:
-    from .data.datasets import iter_jsonl
-
-    p = Path(path)
-    if not p.is_file():
-        raise RWKVPeftError(f"--data {path} not found; pass a chat .jsonl file")
-    records = []
-    for n, rec, _ in iter_jsonl(p):
-        if rec is None:
-            continue
-        if not isinstance(rec.get("messages"), list):
-            raise RWKVPeftError(f"{path} line {n}: expected a chat record {{\"messages\": [...]}}")
-        records.append(rec)
-    if not records:
-        raise RWKVPeftError(f"{path} holds no records")
-    return records
-
-
-@torch.inference_mode()
-def heldout_sums(model, data, indices, batch_size: int = 8) -> tuple[float, int]:
-    """(sum of CE over the trained tokens, number of trained tokens) of data's samples at indices.
-    Sums rather than a mean, so that shards evaluated apart (one per process) add up exactly."""
-    device = model.emb.weight.device
-    indices = list(indices)
-    total, count = 0.0, 0
-    for start in range(0, len(indices), batch_size):
-        batch = data.batch(indices[start:start + batch_size])
-        logits = model(batch["input_ids"].to(device))
-        ce_sum, n_trained = masked_ce_sum(logits, batch["targets"].to(device), batch["loss_mask"].to(device))
-        total += float(ce_sum)
-        count += int(n_trained)
-    return total, count
-
-
-def heldout_loss(model, data, batch_size: int = 8) -> tuple[float, int]:
-    """(mean CE per trained token, number of trained tokens) over every sample of data."""
-    total, count = heldout_sums(model, data, range(len(data)), batch_size)
-    return total / max(count, 1), count
-
-
-def task_items(records: list[dict], tokenizer) -> list[dict]:
-    """One item per assistant turn: prompt ids, the expected reply, how it is matched."""
-    from .data.datasets import CHAT_ASSISTANT, chat_segments, encode_segments
-
-    items = []
-    for r, rec in enumerate(records):
-        msgs = rec["messages"]
-        turns = [i for i, m in enumerate(msgs) if isinstance(m, dict) and m.get("role") == "assistant"]
-        for i in turns:
-            segments = chat_segments(msgs[:i], f"record {r + 1}") if i else []
-            if segments and not segments[-1][1]:
-                segments[-1] = (segments[-1][0] + CHAT_ASSISTANT, False)
-            else:
-                segments.append((CHAT_ASSISTANT, False))
-            ids, _ = encode_segments(segments, tokenizer)
-            expected = str(msgs[i]["content"]).strip()
-            answer = rec.get("answer") if i == turns[-1] else None
-            items.append({"prompt_ids": ids, "question": str(msgs[i - 1]["content"]) if i else "",
-                          "expected": expected, "answer": None if answer is None else str(answer)})
-    return items
-
-
-def task_score(model, tokenizer, items: list[dict], max_tokens: int) -> dict:
-    from .generate import Sampling, generate_text
-
-    greedy = Sampling(temperature=0.0)
-    decoder = model.decoder()  # its weight copies, built once for every item
-    hits = exact = 0
-    replies = []
-    for item in items:
-        reply = generate_text(model, tokenizer, item["prompt_ids"], None, max_tokens=max_tokens,
-                              stop=("\n\n",), sampling=greedy, decoder=decoder).text.strip()
-        is_exact = reply == item["expected"]
-        hit = item["answer"].lower() in reply.lower() if item["answer"] is not None else is_exact
-        hits += hit
-        exact += is_exact
-        replies.append((item, reply, hit))
-    n = max(len(items), 1)
-    return {"task": hits / n, "exact": exact / n, "items": len(items), "replies": replies}
 
 
 def adapter_info(model, adapter) -> tuple[str, int]:
@@ -158,7 +75,7 @@ def evaluate(args) -> list[dict]:
     from .data.datasets import load_training_data
     from .data.tokenizer import tokenizer_for
     from .generate import set_threads
-    from .model import load_model
+    from .peft.load import load_model
     from .peft.adapter_file import read_adapter, recorded_base
 
     # each file read once, for every use below
@@ -219,21 +136,18 @@ def print_table(results: list[dict], show: int, out=sys.stdout) -> None:
 
 
 def main(argv=None) -> int:
+    return run_command(_command, argv)
+
+
+def _command(argv) -> None:
     args = parse_args(argv)
-    try:
-        results = evaluate(args)
-    except RWKVPeftError as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    results = evaluate(args)
     print_table(results, args.show)
     if args.json:
         slim = [{k: v for k, v in r.items() if k != "replies"} | {
             "replies": [{"question": i["question"], "expected": i["answer"] or i["expected"], "reply": rep,
                          "hit": hit} for i, rep, hit in r["replies"]]} for r in results]
         Path(args.json).write_text(json.dumps(slim, indent=1))
-    return 0
 
 
 if __name__ == "__main__":

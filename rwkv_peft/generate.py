@@ -38,12 +38,10 @@ from typing import Iterator, Sequence
 
 import torch
 
+from .model.config import SMALL_MODEL_PARAMS
+
 __all__ = ["GenerationResult", "Penalties", "Sampling", "StreamDecoder", "generate", "generate_text",
            "prefill", "sample_logits", "sampling_probs", "set_threads"]
-
-
-
-SMALL_MODEL_PARAMS = 20_000_000
 
 
 def set_threads(model, threads: int | None = None) -> int:

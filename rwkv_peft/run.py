@@ -14,7 +14,10 @@ import sys
 import torch
 
 from .assets import DEMO_BASE
+from .cli import run_command
+from .data.tokenizer import tokenizer_for
 from .errors import RWKVPeftError
+from .generate import Sampling, generate_text
 from .model import load_model
 
 
@@ -36,16 +39,14 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    from .data.tokenizer import tokenizer_for
+    return run_command(_command, argv)
 
-    try:
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-        model = load_model(args.model, dtype=dtype, device=args.device)
-        tokenizer = tokenizer_for(model.config.vocab_size, args.tokenizer)
-    except RWKVPeftError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+def _command(argv) -> None:
+    args = parse_args(argv)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    model = load_model(args.model, dtype=dtype, device=args.device)
+    tokenizer = tokenizer_for(model.config.vocab_size, args.tokenizer)
 
     cfg = model.config
     n_params = sum(p.numel() for p in model.parameters())
@@ -54,10 +55,7 @@ def main(argv=None) -> int:
 
     prompt = tokenizer.encode(args.prompt)
     if not prompt:
-        print("error: --prompt encodes to no tokens; give some text", file=sys.stderr)
-        return 2
-    from .generate import Sampling, generate_text
-
+        raise RWKVPeftError("--prompt encodes to no tokens; give some text")
     result = generate_text(model, tokenizer, prompt, None, max_tokens=args.tokens, stop=(),
                            sampling=Sampling(temperature=0.0))
     print(args.prompt + result.text)
@@ -65,7 +63,6 @@ def main(argv=None) -> int:
           f"{result.prefill_s + result.decode_s:.2f} s]")
     print("next: fine-tune it with `python train.py --load_model FILE --data_file DATA`, or chat with "
           "`python demo/chat.py --model FILE`")
-    return 0
 
 
 if __name__ == "__main__":

@@ -70,8 +70,8 @@ def _choose(grad_cp, cpu_malloc, params, device, monkeypatch):
     monkeypatch.setattr(cpu_memory, "map_large_blocks", lambda: applied.append(True))
     args = SimpleNamespace(grad_cp=grad_cp, cpu_malloc=cpu_malloc)
     model = torch.nn.Linear(params // 1000, 1000, bias=False, device="meta")  # counted, never allocated
-    note = cpu_memory.choose_cpu_memory(args, model, torch.device(device))
-    return args.grad_cp, args.cpu_malloc, bool(applied), note
+    choice = cpu_memory.choose_cpu_memory(args, model, torch.device(device))
+    return choice.grad_cp, choice.cpu_malloc, bool(applied), choice.note
 
 
 def test_auto_saves_memory_for_large_models_on_the_cpu_only(monkeypatch):

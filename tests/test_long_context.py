@@ -16,7 +16,7 @@ from rwkv_peft import load_model
 from rwkv_peft.model.common import RWKVState
 from rwkv_peft.peft.adapt import plan_adapters, prepare_peft
 from rwkv_peft.train.long_context import chunked_loss
-from rwkv_peft.train.loss import masked_loss
+from rwkv_peft.loss import masked_loss
 from tiny_workspace import COMMON, losses, make_workspace, run_script
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -26,7 +26,7 @@ def loss_and_grads(version, op, chunk_ctx):
     from rwkv_peft import load_model
     from rwkv_peft.peft.adapt import plan_adapters, prepare_peft
     from rwkv_peft.train.long_context import chunked_loss
-    from rwkv_peft.train.loss import masked_loss
+    from rwkv_peft.loss import masked_loss
 
     make = rwkv7_state_dict if version == 7 else rwkv6_state_dict
     model = load_model(make(n_layer=3, n_embd=128, head_size=64, vocab=97, seed=11), device=DEV).train()

@@ -2,7 +2,7 @@
 
 import torch
 
-from rwkv_peft.train.loss import masked_loss
+from rwkv_peft.loss import masked_loss
 
 
 def test_masked_loss_value_and_gradient_with_the_l2_nudge():
@@ -38,7 +38,7 @@ def test_masked_loss_of_an_all_masked_batch_is_zero_not_nan():
 def test_sliced_loss_equals_the_whole_tensor_computation_bit_for_bit():
     """Several slices of positions (ROWS_PER_SLICE) and a partial last one, fp32 and bf16: the
     value and gradient are exactly those of F.cross_entropy and the L2 nudge on the whole tensor."""
-    from rwkv_peft.train.loss import ROWS_PER_SLICE
+    from rwkv_peft.loss import ROWS_PER_SLICE
 
     g = torch.Generator().manual_seed(1)
     B, T, V = 2, ROWS_PER_SLICE + 37, 300

@@ -187,7 +187,7 @@ def test_rwkv_peft_adapter_import(tmp_path):
 def test_rwkv_peft_pissa_merges_with_its_init_file(tmp_path, capsys):
     """RWKV-PEFT writes a PiSSA run as lora_A/lora_B plus init_pissa.pth (init_lora_A/B):
     merged = W + B A - B0 A0. Read as plain LoRA it would silently lose the - B0 A0."""
-    from rwkv_peft.cli import merge
+    from rwkv_peft.commands import merge
 
     sd = make_base(7)
     g = torch.Generator().manual_seed(3)

@@ -134,7 +134,7 @@ def test_quantize_linears_on_an_adapted_full_precision_model_matches_training_ti
 
 
 def test_missing_library_is_one_error_line(tmp_path, monkeypatch, capsys):
-    from rwkv_peft.cli import train
+    from rwkv_peft.commands import train
 
     make_workspace(tmp_path)
     monkeypatch.chdir(tmp_path)

@@ -253,13 +253,12 @@ def test_zero3_and_offload_match_stage_1(work, strategy):
 
 def test_learning_rate_default_depends_on_the_data_not_on_the_value_given():
     from rwkv_peft.train.args import LR_INIT, TrainArgs
-    from rwkv_peft.train.trainer import DEMO_LR, _defaults
+    from rwkv_peft.train.settings import DEMO_LR, resolve
 
     cases = [({}, DEMO_LR),                                    # the embedded demo
              ({"lr_init": LR_INIT}, LR_INIT),                 # asked for explicitly: kept, even on the demo
              ({"data_file": "mine.jsonl", "load_model": "m.pth"}, LR_INIT),
              ({"data_file": "mine.jsonl", "load_model": "m.pth", "lr_init": 3e-5}, 3e-5)]
     for given, expected in cases:
-        args = TrainArgs(**given)
-        _defaults(args)
+        args, _ = resolve(TrainArgs(**given, proj_dir="unused"), world=1)
         assert args.lr_init == expected, given

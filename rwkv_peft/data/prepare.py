@@ -17,7 +17,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from rwkv_peft.errors import RWKVPeftError
+from ..cli import run_command
+from ..errors import RWKVPeftError
 
 from .binidx import BinIdxWriter, token_dtype_for_vocab
 from .datasets import detect_jsonl_kind, iter_documents, resolve_data_type
@@ -73,6 +74,10 @@ def convert(src: str | Path, out_prefix: str | Path, tokenizer, *, progress: boo
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_command(_command, argv)
+
+
+def _command(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m rwkv_peft.data.prepare",
         description="Tokenize a text data set into the binidx pair (prefix.bin + prefix.idx) "
@@ -89,21 +94,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="not supported here (binidx has no loss masks); the error says what to do")
     parser.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
-    try:
-        out = str(args.out_prefix)
-        if out.endswith((".bin", ".idx")):
-            out = out[:-4]
-        tokenizer = load_tokenizer(args.tokenizer)
-        info = convert(args.input, out, tokenizer, progress=not args.no_progress,
-                       sft_fields=tuple(args.sft_fields) if args.sft_fields else None)
-    except RWKVPeftError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    out = str(args.out_prefix)
+    if out.endswith((".bin", ".idx")):
+        out = out[:-4]
+    tokenizer = load_tokenizer(args.tokenizer)
+    info = convert(args.input, out, tokenizer, progress=not args.no_progress,
+                   sft_fields=tuple(args.sft_fields) if args.sft_fields else None)
     print(f"wrote {info['bin']} ({info['tokens']:,} tokens, {info['dtype']}) and {info['idx']} "
           f"({info['documents']:,} documents)")
     tok = "" if str(args.tokenizer).lower() == "world" else f" --tokenizer {args.tokenizer}"
     print(f"next: python train.py --data_file {out} --data_type binidx{tok}")
-    return 0
 
 
 if __name__ == "__main__":

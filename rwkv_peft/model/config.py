@@ -55,6 +55,10 @@ class RWKVConfig:
         return self.n_embd // self.head_size
 
 
+# Below this many parameters a model's per-token ops are too small to gain from a second CPU
+# thread (generate.set_threads) and its training steps need little memory (train/cpu_memory.py).
+SMALL_MODEL_PARAMS = 20_000_000
+
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
 
 

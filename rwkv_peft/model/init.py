@@ -24,6 +24,17 @@ def create_model(config: RWKVConfig, *, seed: int | None = None, dtype: torch.dt
     return model.to(device=device, dtype=dtype)
 
 
+def rwkv7_config(n_layer: int, n_embd: int, head_size: int, vocab_size: int) -> RWKVConfig:
+    """The sizes of a new RWKV-7 as the official x070 recipe derives them from its width:
+    ffn 4C, and the low-rank mixers' dimensions rounded to multiples of 32."""
+    def low_rank(scale, power=0.5):
+        return max(32, int(round(scale * n_embd ** power / 32)) * 32)
+
+    return RWKVConfig(version=7, n_layer=n_layer, n_embd=n_embd, head_size=head_size, vocab_size=vocab_size,
+                      dim_ffn=4 * n_embd, d_decay=low_rank(1.8), d_aaa=low_rank(1.8), d_mv=low_rank(1.3),
+                      d_gate=low_rank(0.6, 0.8))
+
+
 def _orthogonal(shape, gain: float, generator) -> torch.Tensor:
     w = torch.empty(shape)
     nn.init.orthogonal_(w, gain=gain, generator=generator)

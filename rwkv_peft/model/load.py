@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 import torch.nn as nn
@@ -12,7 +12,7 @@ from ..errors import RWKVPeftError
 from ..io import load_tensor_file
 from .config import RWKVConfig, infer_config
 from .rwkv import RWKV
-from .time_state import read_state_file, set_time_state
+from .time_state import load_state_file
 
 
 def check_state_dict(sd: Mapping[str, torch.Tensor], model: RWKV, source: str = "checkpoint") -> None:
@@ -59,18 +59,19 @@ def build_model(config: RWKVConfig, sd: Mapping[str, torch.Tensor], *, dtype=Non
     return model
 
 
-def load_model(checkpoint: str | os.PathLike | Mapping[str, torch.Tensor], *, adapter=None,
+def load_model(checkpoint: str | os.PathLike | Mapping[str, torch.Tensor], *,
                state: str | os.PathLike | None = None, dtype: torch.dtype | None = None,
-               device: str | torch.device = "cpu", quantizing: bool = False) -> RWKV:
-    """Load an official RWKV-6 or RWKV-7 checkpoint (a .pth path or a state dict).
+               device: str | torch.device = "cpu", quantizing: bool = False,
+               check: Callable[[Mapping[str, torch.Tensor], str], None] | None = None) -> RWKV:
+    """Load an official RWKV-6 or RWKV-7 checkpoint (a .pth/.safetensors path or a state dict).
 
     Every size is inferred from tensor shapes. dtype=None keeps the checkpoint's dtype
     (official files are bf16); pass torch.float32 for exact CPU inference.
-    adapter: an adapter file path (or a read `Adapter`) to attach unmerged; it must have
-    been trained on this checkpoint.
     state: a state file (blocks.<i>.att.time_state) to start from instead of the checkpoint's own.
     quantizing: linear weights stay memory-mapped in the file's dtype, to be quantized next
     (see build_model).
+    check(sd, source): a caller's check of the tensors before the model is built (an adapter's
+    base fingerprint: rwkv_peft.peft.load).
     """
     if isinstance(checkpoint, Mapping):
         sd, source = checkpoint, "state dict"
@@ -80,20 +81,11 @@ def load_model(checkpoint: str | os.PathLike | Mapping[str, torch.Tensor], *, ad
         config = infer_config(sd)
     except RWKVPeftError as e:
         raise RWKVPeftError(f"{source}: {e}") from None
-    if adapter is not None:
-        # the PEFT layer builds on the model; imported here to keep that direction
-        from ..peft.adapter_file import Adapter, apply_adapter, check_base, read_adapter
-
-        if not isinstance(adapter, Adapter):
-            adapter = read_adapter(adapter)
-        check_base(adapter, sd, source)
+    if check is not None:
+        check(sd, source)
     # a caller's state dict is copied so that training never writes into it
     model = build_model(config, sd, dtype=dtype, device=device, source=source,
                         copy=isinstance(checkpoint, Mapping), quantizing=quantizing)
-    if adapter is not None:
-        apply_adapter(model, adapter)
     if state is not None:
-        states, recorded = read_state_file(state)
-        set_time_state(model, states, f"state file {state}", recorded)
-    model.eval()
-    return model
+        load_state_file(model, state)
+    return model.eval()

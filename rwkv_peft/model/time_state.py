@@ -118,6 +118,12 @@ def read_state_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     return states, recorded
 
 
+def load_state_file(model, path: str | os.PathLike) -> None:
+    """Make the states of a state file the model's learned initial state."""
+    states, recorded = read_state_file(path)
+    set_time_state(model, states, f"state file {path}", recorded)
+
+
 def save_state_file(path: str | os.PathLike, states: Mapping[str, torch.Tensor], version: int | None,
                     flag: str = "--output") -> None:
     """Write states (fp32) as .pth (plain, for desktop runtimes) or .safetensors (recording the version)."""

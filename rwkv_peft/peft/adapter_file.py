@@ -220,16 +220,6 @@ def _read_pissa_init(path: Path, modules: list[str]) -> dict[str, dict[str, torc
     return init
 
 
-def add_foreign_adapter_flags(parser) -> None:
-    """The flags that say what an RWKV-PEFT lora_A/lora_B .pth adapter is (it does not record it)."""
-    parser.add_argument("--lora_alpha", type=float,
-                        help="an RWKV-PEFT LoRA .pth adapter: the alpha it was trained with (the file does not "
-                             "record it; RWKV-PEFT's trainer default is 32)")
-    parser.add_argument("--pissa_init", metavar="FILE",
-                        help="an RWKV-PEFT PiSSA .pth adapter: the init_pissa.pth its run wrote (merged = "
-                             "W + B A - B0 A0)")
-
-
 def recorded_base(adapter: Adapter, name: str | os.PathLike, fix: str, what: str = "base checkpoint") -> str:
     """The base checkpoint path recorded in adapter; RWKVPeftError "{name} does not record its {what}; {fix}"
     when it has none."""

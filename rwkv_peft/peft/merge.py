@@ -12,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import RWKVPeftError
-from ..model.load import load_model
+from .load import load_model
 from ..model.time_state import is_state_key, state_parts
 from .adapt import quantize_linears
 from .adapter_file import Adapter

@@ -8,12 +8,16 @@ object serves training, merging and tests, so the merge cannot drift from traini
                       (a tensor, or a QuantizedWeight holding it quantized: peft/quant.py)
     delta(W)          fp32 [out, in] with  merged = W + delta(W),  W the original base weight
     tensors()         what an adapter file stores for this layer, by file name (lora_A, bone, ...)
+
+Each method also declares its train.py flags (`flags`: name, keyword, default, help), from which
+the argument parser and the trainer take them, so a new method is added here and nowhere else.
 """
 
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -23,8 +27,26 @@ from ..errors import RWKVPeftError
 from .quant import frozen_linear
 
 
+@dataclass(frozen=True)
+class Flag:
+    """A train.py flag (--{flag}) that sets the keyword `keyword` of a method's constructor."""
+
+    flag: str
+    keyword: str
+    default: Any
+    help: str
+
+
 class PeftMethod(nn.Module):
     name: ClassVar[str]
+    flags: ClassVar[tuple[Flag, ...]] = ()
+    # frozen_weight(W) depends on tensors saved with the method (PiSSA's B0 A0): a resumed run rebuilds it
+    frozen_weight_from_tensors: ClassVar[bool] = False
+
+    @classmethod
+    def options(cls, values) -> dict:
+        """The constructor keywords as this method's flags set them (values: parsed train.py flags)."""
+        return {f.keyword: getattr(values, f.flag) for f in cls.flags}
 
     def __init__(self, in_features: int, out_features: int, r: int):
         super().__init__()
@@ -71,6 +93,9 @@ class LoRA(PeftMethod):
     """y = W x + (alpha / r) B A x;  A [r, in] Kaiming-uniform, B [out, r] zeros."""
 
     name = "lora"
+    flags = (Flag("lora_r", "r", 32, "LoRA rank"),
+             Flag("lora_alpha", "alpha", 32.0, "LoRA alpha (scale = alpha / r)"),
+             Flag("lora_dropout", "dropout", 0.0, "LoRA dropout"))
 
     def __init__(self, in_features, out_features, r, alpha: float | None = None, dropout: float = 0.0):
         super().__init__(in_features, out_features, r)
@@ -110,10 +135,14 @@ class PiSSA(LoRA):
     """
 
     name = "pissa"
+    flags = (Flag("pissa_r", "r", 32, "PiSSA rank"),
+             Flag("svd_niter", "svd_niter", 4, "PiSSA randomized SVD iterations (0 = exact full SVD)"),
+             LoRA.flags[2])  # --lora_dropout
+    frozen_weight_from_tensors = True
 
     def __init__(self, in_features, out_features, r, svd_niter: int | None = 4, dropout: float = 0.0):
         super().__init__(in_features, out_features, r, alpha=r, dropout=dropout)
-        self.svd_niter = svd_niter  # None: full SVD
+        self.svd_niter = svd_niter or None  # 0 or None: the exact full SVD
         self.register_buffer("init_A", torch.zeros(r, in_features))
         self.register_buffer("init_B", torch.zeros(out_features, r))
 
@@ -149,6 +178,7 @@ class Bone(PeftMethod):
     """
 
     name = "bone"
+    flags = (Flag("bone_r", "r", 64, "Bone block size"),)
 
     def __init__(self, in_features, out_features, r):
         super().__init__(in_features, out_features, r)
@@ -183,6 +213,7 @@ class Bat(PeftMethod):
     """
 
     name = "bat"
+    flags = (Flag("bat_r", "r", 64, "Bat block size (must divide every adapted layer's dimensions)"),)
 
     def __init__(self, in_features, out_features, r):
         super().__init__(in_features, out_features, r)
@@ -209,6 +240,11 @@ class Bat(PeftMethod):
 
 
 METHODS: dict[str, type[PeftMethod]] = {m.name: m for m in (LoRA, PiSSA, Bone, Bat)}
+
+
+def method_flags() -> list[Flag]:
+    """Every method's flags, each once (PiSSA shares --lora_dropout), in registry order."""
+    return list({f.flag: f for m in METHODS.values() for f in m.flags}.values())
 
 
 def make_method(name: str, in_features: int, out_features: int, **hparams) -> PeftMethod:

@@ -1,14 +1,18 @@
-"""Every training option, its default and its help text, in one dataclass.
+"""Every training option, its default and its help text, in one frozen dataclass.
 
-`train.py --help` and the README's option table are both generated from these fields.
+`train.py --help` and the README's option table are both generated from these fields. The
+flags of the PEFT methods (--lora_r, --bone_r, ...) come from the methods themselves
+(peft/methods.py). What the user left out is decided once, in settings.py.
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, make_dataclass
 
+from ..cli import HelpFormatter
 from ..errors import RWKVPeftError
+from ..peft.methods import METHODS, method_flags
 
 LR_INIT = 1e-4  # --lr_init when none is given, except on the embedded demo (trainer.DEMO_LR)
 STATE_LR = 1.0  # --state_lr when none is given: the state needs a far higher rate than weights (README)
@@ -20,8 +24,8 @@ def opt(default, help, group="training", **kw):
     return field(default=default, metadata={"help": help, "group": group, **kw})
 
 
-@dataclass
-class TrainArgs:
+@dataclass(frozen=True)
+class _Options:
     # model
     load_model: str | None = opt(None, "official RWKV-6/7 checkpoint (.pth or .safetensors) to fine-tune "
                                        "(default: the embedded demo base "
@@ -57,17 +61,10 @@ class TrainArgs:
                                  "validation loss", "validation")
     early_stop: int = opt(0, "stop after P evaluations without a lower validation loss (0: never)", "validation")
     # PEFT
-    peft: str | None = opt(None, "method for the default target layers: lora, pissa, bone, bat, or full (every "
+    peft: str | None = opt(None, f"method for the default target layers: {', '.join(METHODS)}, or full (every "
                                  "weight; 'none' is the same when no --peft_rules/--train_parts are given) "
                                  "(default: bone when fine-tuning, full when training from scratch)", "peft",
-                           choices=("lora", "pissa", "bone", "bat", "full", "none"))
-    lora_r: int = opt(32, "LoRA rank", "peft")
-    lora_alpha: float = opt(32.0, "LoRA alpha (scale = alpha / r)", "peft")
-    lora_dropout: float = opt(0.0, "LoRA dropout", "peft")
-    pissa_r: int = opt(32, "PiSSA rank", "peft")
-    svd_niter: int = opt(4, "PiSSA randomized SVD iterations (0 = exact full SVD)", "peft")
-    bone_r: int = opt(64, "Bone block size", "peft")
-    bat_r: int = opt(64, "Bat block size (must divide every adapted layer's dimensions)", "peft")
+                           choices=(*METHODS, "full", "none"))
     peft_rules: str | None = opt(None, "per-layer rules 'glob=method:rank; ...' or a JSON file; first match "
                                        "wins, e.g. 'blocks.*.att.*=bone:64; blocks.0.*=none'", "peft")
     train_parts: list[str] = opt((), "whole tensor groups to train as well: ln time emb head, or state (a learned "
@@ -139,30 +136,32 @@ class TrainArgs:
     debug: bool = opt(False, "show Python tracebacks", "output")
 
 
+TrainArgs = make_dataclass("TrainArgs", [(f.flag, type(f.default), opt(f.default, f.help, "peft"))
+                                        for f in method_flags()], bases=(_Options,), frozen=True)
+TrainArgs.__doc__ = "The parsed train.py flags: _Options plus every PEFT method's own flags."
 GROUPS = ("model", "data", "validation", "peft", "training", "output")
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keep the description's line breaks; show every option's default, except None: those
-    options say in their help what happens when they are left out."""
-
-    def _get_help_string(self, action):
-        if action.default is None:
-            return action.help
-        return super()._get_help_string(action)
+def ordered_fields() -> list:
+    """The options in the order --help and the README show them: the methods' flags after --peft."""
+    own = [f for f in fields(TrainArgs) if f.name in _Options.__dataclass_fields__]
+    methods = [f for f in fields(TrainArgs) if f.name not in _Options.__dataclass_fields__]
+    at = [f.name for f in own].index("peft") + 1
+    return own[:at] + methods + own[at:]
 
 
 def build_parser(prog: str = "train.py", description: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
     groups = {g: p.add_argument_group(g) for g in GROUPS}
-    for f in fields(TrainArgs):
+    for f in ordered_fields():
         meta = dict(f.metadata)
         group, help_text = meta.pop("group"), meta.pop("help")
         kw = {"default": f.default, "help": help_text, **meta}
-        if f.type in ("bool", bool):
+        type_name = f.type if isinstance(f.type, str) else f.type.__name__
+        if type_name == "bool":
             kw["action"] = "store_true"
         elif "nargs" not in meta:
-            kw["type"] = {"int": int, "float": float}.get(str(f.type).removesuffix(" | None"), str)
+            kw["type"] = {"int": int, "float": float}.get(type_name.removesuffix(" | None"), str)
         elif f.default == ():  # a list option: argparse wants a list default
             kw["default"] = []
         groups[group].add_argument(f"--{f.name}", **kw)
@@ -194,9 +193,9 @@ def check_args(args: TrainArgs) -> None:
             raise RWKVPeftError(f"--{name} must be positive, got {getattr(args, name)}")
     if args.max_steps == 0 and args.epochs <= 0:
         raise RWKVPeftError("give --max_steps N or a positive --epochs")
-    for name in ("lora_r", "pissa_r", "bone_r", "bat_r"):
-        if getattr(args, name) <= 0:
-            raise RWKVPeftError(f"--{name} must be positive, got {getattr(args, name)}")
+    for flag in method_flags():
+        if flag.keyword == "r" and getattr(args, flag.flag) <= 0:
+            raise RWKVPeftError(f"--{flag.flag} must be positive, got {getattr(args, flag.flag)}")
     if args.chunk_ctx < 0 or args.chunk_ctx > args.ctx_len:
         raise RWKVPeftError(f"--chunk_ctx must be between 1 and --ctx_len ({args.ctx_len}), or 0 for off; "
                             f"got {args.chunk_ctx}")
@@ -224,6 +223,12 @@ def check_args(args: TrainArgs) -> None:
 QUANT_CHOICES = ("none", "nf4", "int8")
 
 
+def default_peft(args: TrainArgs) -> str:
+    """--peft when none is given: a new model is trained whole (an adapter on random weights
+    teaches nothing useful), a checkpoint gets Bone."""
+    return "full" if args.n_layer else "bone"
+
+
 def check_quant_args(args: TrainArgs) -> None:
     """--quant quantizes a frozen base under adapters: it needs a base and something frozen over it."""
     if args.quant not in QUANT_CHOICES:
@@ -232,19 +237,19 @@ def check_quant_args(args: TrainArgs) -> None:
         if args.quant_targets != "adapted":
             raise RWKVPeftError(f"--quant_targets {args.quant_targets} needs --quant nf4 or int8")
         return
-    adapts = args.peft in ("lora", "pissa", "bone", "bat") or (args.peft is None and not args.n_layer) or (
-        args.peft == "none" and args.peft_rules)
-    if not (adapts or (args.peft == "none" and args.train_parts and args.quant_targets == "all")):
+    peft = args.peft or default_peft(args)
+    adapts = peft in METHODS or (peft == "none" and args.peft_rules)
+    if not (adapts or (peft == "none" and args.train_parts and args.quant_targets == "all")):
         raise RWKVPeftError(f"--quant {args.quant} quantizes the frozen base under adapters, but --peft "
                             f"{args.peft or 'full (the default from scratch)'} adapts no layer; choose an adapter "
-                            "method (--peft bone, lora, pissa or bat), or drop --quant")
+                            f"method (--peft {' / '.join(METHODS)}), or drop --quant")
 
 
 def markdown_table() -> str:
     """The options as a markdown table, for the README."""
     rows = ["| option | default | what it does |", "|---|---|---|"]
     for group in GROUPS:
-        for f in fields(TrainArgs):
+        for f in ordered_fields():
             if f.metadata["group"] != group:
                 continue
             default = f.default

@@ -11,14 +11,32 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from ..errors import RWKVPeftError
 from ..io import atomic_write
+from ..peft.adapt import set_frozen_weight
 
 LATEST = "latest"
+
+
+@dataclass
+class Progress:
+    """Where the run stands: the step, the seconds of earlier segments, this segment's number."""
+
+    step: int = 0
+    earlier_s: float = 0.0
+    segment: int = 1
+    started: float = field(default_factory=time.perf_counter)  # this segment's first step
+
+    def elapsed(self) -> float:
+        """Seconds of the whole run so far, every segment."""
+        return self.earlier_s + time.perf_counter() - self.started
 
 
 def checkpoint_name(step: int) -> str:
@@ -82,3 +100,19 @@ def load_checkpoint(engine, path: Path) -> dict:
     if client is None or "trainer" not in client:
         raise RWKVPeftError(f"--resume: {path} holds no trainer state; was it written by train.py?")
     return client["trainer"]
+
+
+def resume(engine, path: Path, run, global_batch: int, validation) -> Progress:
+    """Restore the engine, the frozen weights built from trained tensors and the validation
+    record from the checkpoint at path; returns where the run stands."""
+    state = load_checkpoint(engine, path)
+    if state.get("global_batch") != global_batch:
+        raise RWKVPeftError(f"--resume: the checkpoint was trained with a global batch of "
+                            f"{state.get('global_batch')} samples, this run has {global_batch}")
+    with torch.no_grad():  # PiSSA keeps W - B0 A0 frozen; B0, A0 came back with the checkpoint
+        for name, method in run.methods.items():
+            if method.frozen_weight_from_tensors:
+                frozen = method.frozen_weight(run.base_sd[f"{name}.weight"].float())
+                set_frozen_weight(engine.module.get_submodule(name), frozen)
+    validation.load_state(state.get("validation"))
+    return Progress(state["step"], state.get("elapsed_s", 0.0), state.get("segment", 1) + 1)

@@ -29,10 +29,11 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+from dataclasses import dataclass
 
 import torch
 
-from ..generate import SMALL_MODEL_PARAMS
+from ..model.config import SMALL_MODEL_PARAMS
 
 M_MMAP_THRESHOLD = -3  # mallopt's parameter number, from glibc's malloc.h
 MMAP_THRESHOLD = 256 * 1024  # a [ctx, C] activation is far above it; small tensors stay on the heap
@@ -52,21 +53,25 @@ def map_large_blocks(threshold: int = MMAP_THRESHOLD) -> bool:
     return mallopt is not None and mallopt(M_MMAP_THRESHOLD, threshold) == 1
 
 
-def choose_cpu_memory(args, model: torch.nn.Module, device: torch.device) -> str | None:
-    """Resolve --grad_cp and --cpu_malloc 'auto' for this model and device, and apply --cpu_malloc.
-    Returns a line for the log when 'auto' chose the lean settings, else None."""
+@dataclass(frozen=True)
+class MemoryChoice:
+    """--grad_cp and --cpu_malloc as this run uses them, and a line for the log when 'auto' chose."""
+
+    grad_cp: int
+    cpu_malloc: str
+    note: str | None
+
+
+def choose_cpu_memory(args, model: torch.nn.Module, device: torch.device) -> MemoryChoice:
+    """Resolve --grad_cp and --cpu_malloc 'auto' for this model and device, and apply --cpu_malloc."""
     n_params = sum(p.numel() for p in model.parameters())
     large_on_cpu = device.type == "cpu" and n_params >= SMALL_MODEL_PARAMS
-    chosen = []
-    if args.grad_cp is None:
-        args.grad_cp = int(large_on_cpu)
-        chosen += ["--grad_cp 1"] if args.grad_cp else []
-    if args.cpu_malloc == "auto":
-        args.cpu_malloc = "compact" if large_on_cpu else "default"
-        chosen += ["--cpu_malloc compact"] if large_on_cpu else []
-    if args.cpu_malloc == "compact" and device.type == "cpu":
+    grad_cp = int(large_on_cpu) if args.grad_cp is None else args.grad_cp
+    cpu_malloc = ("compact" if large_on_cpu else "default") if args.cpu_malloc == "auto" else args.cpu_malloc
+    chosen = (["--grad_cp 1"] if args.grad_cp is None and grad_cp else []) + (
+        ["--cpu_malloc compact"] if args.cpu_malloc == "auto" and large_on_cpu else [])
+    if cpu_malloc == "compact" and device.type == "cpu":
         map_large_blocks()
-    if not chosen:
-        return None
-    return (f"CPU training of {n_params / 1e6:.0f}M parameters: {' and '.join(chosen)} to save memory; "
-            f"for faster steps with more memory pass --grad_cp 0 --cpu_malloc default")
+    note = (f"CPU training of {n_params / 1e6:.0f}M parameters: {' and '.join(chosen)} to save memory; "
+            f"for faster steps with more memory pass --grad_cp 0 --cpu_malloc default") if chosen else None
+    return MemoryChoice(grad_cp, cpu_malloc, note)

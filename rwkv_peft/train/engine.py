@@ -63,7 +63,8 @@ def import_deepspeed():
 
 
 def deepspeed_config(args: TrainArgs, world_size: int) -> dict:
-    """The DeepSpeed config from the flags; a user's JSON wins where both set a value."""
+    """The DeepSpeed config from the flags; a user's JSON wins where both set a value (the batch
+    sizes and precision the run then uses are read back from it: settings.resolve)."""
     stage = int(args.strategy.split("_")[2])
     zero = {"stage": stage, "contiguous_gradients": True, "overlap_comm": torch.cuda.is_available()}
     if args.strategy.endswith("offload"):
@@ -101,14 +102,37 @@ def deepspeed_config(args: TrainArgs, world_size: int) -> dict:
             raise RWKVPeftError(f"--deepspeed_config {path}: train_batch_size {config['train_batch_size']} != "
                                 f"micro batch {mb} x accumulation {ga} x {world_size} processes")
         config["train_batch_size"] = mb * ga * world_size
-        args.micro_bsz, args.accumulate_grad_batches = mb, ga
-        precision = "bf16" if config.get("bf16", {}).get("enabled") else "fp16" if config.get("fp16", {}).get(
-            "enabled") else "fp32"
-        args.precision = precision
     if optimizer_offloaded(config) and not torch.cuda.is_available():
         # on a CPU-only machine the optimizer is on the CPU anyway: torch's AdamW is fine there
         config.setdefault("zero_force_ds_cpu_optimizer", False)
     return config
+
+
+def config_precision(config: dict) -> str:
+    """The precision a DeepSpeed config trains in."""
+    if config.get("bf16", {}).get("enabled"):
+        return "bf16"
+    return "fp16" if config.get("fp16", {}).get("enabled") else "fp32"
+
+
+def param_groups(model, args: TrainArgs) -> list[dict]:
+    """Weight decay on trainable matrices only; the decay base (w0 / time_decay) at 2x lr; the
+    learned initial state at --state_lr."""
+    groups = {"decay": [], "plain": [], "fast": [], "state": []}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.endswith(".att.time_state"):
+            groups["state"].append(p)
+        elif name.endswith((".att.w0", ".att.time_decay")):
+            groups["fast"].append(p)
+        elif p.dim() >= 2 and args.weight_decay > 0 and not name.endswith(("w1", "w2")):
+            groups["decay"].append(p)
+        else:
+            groups["plain"].append(p)
+    spec = {"decay": (1.0, args.weight_decay), "plain": (1.0, 0.0), "fast": (2.0, 0.0),
+            "state": (args.state_lr / args.lr_init, 0.0)}
+    return [{"params": ps, "lr_scale": spec[k][0], "weight_decay": spec[k][1]} for k, ps in groups.items() if ps]
 
 
 def optimizer_offloaded(config: dict) -> bool:

@@ -27,7 +27,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ..model.common import RWKVState
-from .loss import masked_ce_sum_of_piece
+from ..loss import masked_ce_sum_of_piece
 
 
 def _piece_loss(model, tokens, targets, mask, state: RWKVState, positions: int):

@@ -1,8 +1,37 @@
-"""Learning-rate schedules: a function of the step alone, so resuming needs no scheduler state."""
+"""How long a run is and its learning rate: a function of the step alone, so resuming needs no
+scheduler state."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+
+SHORT_RUN_STEPS = 50  # fewer optimizer steps than this: say so, and how to train more
+
+
+@dataclass(frozen=True)
+class Schedule:
+    global_batch: int  # samples per optimizer step, over every process
+    total_steps: int
+    warmup: int
+    lr_init: float
+    lr_final: float
+    shape: str  # cos, wsd or const
+
+    def lr(self, step: int) -> float:
+        return learning_rate(step, self.total_steps, lr_init=self.lr_init, lr_final=self.lr_final,
+                             warmup=self.warmup, schedule=self.shape)
+
+
+def plan_schedule(args, n_samples: int, world: int, log) -> Schedule:
+    """The schedule of a run over n_samples on world processes (--max_steps or --epochs)."""
+    global_batch = args.micro_bsz * args.accumulate_grad_batches * world
+    total_steps = args.max_steps or max(1, math.ceil(args.epochs * n_samples / global_batch))
+    warmup = args.warmup_steps if args.warmup_steps is not None else min(10, total_steps // 10)
+    if not args.max_steps and total_steps < SHORT_RUN_STEPS:
+        log(f"note: {args.epochs:g} epoch(s) of {n_samples} samples of {args.ctx_len} tokens make only {total_steps} "
+            f"optimizer steps; for more training pass --epochs N or --max_steps N")
+    return Schedule(global_batch, total_steps, warmup, args.lr_init, args.lr_final, args.lr_schedule)
 
 
 def learning_rate(step: int, total: int, *, lr_init: float, lr_final: float, warmup: int, schedule: str) -> float:

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from ..data.datasets import CACHE_DIRNAME, iter_jsonl, load_training_data, resolve_data_type
 from ..errors import RWKVPeftError
 from ..io import atomic_write, check_writable_dir
+from ..scoring import heldout_sums, read_records, task_items, task_score
 from .args import TrainArgs
 
 GENERATE_MAX_TOKENS = 64  # as rwkv_peft.eval's default --max_tokens
@@ -98,8 +99,6 @@ def data_files(args: TrainArgs, world: int, zero_stage: int, log=print) -> tuple
 def load_heldout(path: str, args: TrainArgs, tokenizer, progress: bool):
     """The held-out samples (one record per sample, as eval) and, for --eval_generate, the chat
     items to answer."""
-    from ..eval import read_records, task_items
-
     what = "--val_split held-out part" if args.val_split else "--val_file"
     try:
         data = load_training_data(path, tokenizer, args.ctx_len, data_type=args.data_type,
@@ -137,8 +136,6 @@ class Validation:
 
     def evaluate(self, model, step: int) -> dict:
         """Every process calls this. The metrics record of this evaluation."""
-        from ..eval import heldout_sums, task_score
-
         start = time.perf_counter()
         rank, world = dist.get_rank(), dist.get_world_size()
         was_training = model.training

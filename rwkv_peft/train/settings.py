@@ -1,0 +1,70 @@
+"""The run's settings, resolved once: every option the user left out decided, in one place.
+
+`resolve` turns the parsed flags into the frozen settings the whole run reads (and args.json
+records); nothing after it rewrites them. What trains follows from them and the PEFT method
+registry (`default_method`, `trains_whole_model`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from ..assets import DEMO_BASE, DEMO_DATA
+from ..errors import RWKVPeftError
+from ..peft.methods import METHODS
+from .args import LR_INIT, STATE_LR, TrainArgs, default_peft
+from .checkpoint import newest_run
+from .engine import config_precision, deepspeed_config
+
+DEMO_LR = 1e-3  # the tiny demo model learns its facts far better at 1e-3 than at LR_INIT
+
+
+def resolve(args: TrainArgs, world: int) -> tuple[TrainArgs, dict]:
+    """(the settings with every default decided, the DeepSpeed config) for a run of world processes."""
+    changes = {}
+    if args.data_file is None:  # the embedded demo when no data is named
+        if not DEMO_DATA.exists():
+            raise RWKVPeftError(f"no --data_file given and the embedded demo data {DEMO_DATA} is missing")
+        changes["data_file"] = str(DEMO_DATA)
+        if args.load_model is None and not args.n_layer:
+            changes["load_model"] = str(DEMO_BASE)
+    if args.lr_init is None:
+        changes["lr_init"] = DEMO_LR if args.data_file is None else LR_INIT
+    changes["peft"] = args.peft or default_peft(args)
+    changes["state_lr"] = STATE_LR if args.state_lr is None else args.state_lr
+    if args.precision == "auto":
+        changes["precision"] = "bf16" if torch.cuda.is_available() else "fp32"
+    args = replace(args, **changes)
+    if args.load_model is None and not args.n_layer:
+        raise RWKVPeftError("give --load_model FILE to fine-tune, or --n_layer and --n_embd to train from scratch")
+    args = replace(args, proj_dir=str(_proj_dir(args)))
+    config = deepspeed_config(args, world)  # a user's JSON may set the batch sizes and precision
+    return replace(args, micro_bsz=config["train_micro_batch_size_per_gpu"],
+                   accumulate_grad_batches=config["gradient_accumulation_steps"],
+                   precision=config_precision(config)), config
+
+
+def _proj_dir(args: TrainArgs) -> Path:
+    if args.proj_dir:
+        return Path(args.proj_dir)
+    if args.resume == "latest":
+        return newest_run(Path("out"))
+    return Path("out") / time.strftime("run-%Y%m%d-%H%M%S")
+
+
+def default_method(args: TrainArgs) -> tuple[str, dict] | None:
+    """The method of the default target layers and its keywords, as its own flags set them."""
+    if args.peft not in METHODS:
+        return None
+    return args.peft, METHODS[args.peft].options(args)
+
+
+def trains_whole_model(args: TrainArgs, rules: list) -> bool:
+    """--peft full, or --peft none with nothing else named: every weight trains."""
+    if args.peft == "full" and rules:
+        raise RWKVPeftError("--peft full trains every weight, so --peft_rules cannot apply; drop one of them")
+    return args.peft == "full" or (args.peft == "none" and not rules and not args.train_parts)

@@ -1,0 +1,98 @@
+"""One optimizer step: its micro batches, with non-finite numbers caught before they reach the weights.
+
+Sample g of the data and its dropout masks depend only on g and the seed, so a step is a
+function of its number: what makes resume exact.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..errors import RWKVPeftError
+from ..loss import masked_loss
+from .args import TrainArgs
+from .long_context import chunked_loss
+
+
+@dataclass(frozen=True)
+class StepResult:
+    loss: float           # mean over the step's finite micro batches, and over every process
+    skipped: int          # micro batches of this step whose loss was not finite (they gave no gradient)
+    stop_requested: bool  # some process was asked to stop (Ctrl-C, SIGTERM): all stop at this step
+
+
+class Stepper:
+    """Runs the optimizer steps of a run on one process."""
+
+    def __init__(self, engine, data, args: TrainArgs, device: torch.device, proj_dir: Path):
+        self.engine, self.data, self.args, self.device = engine, data, args, device
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.trainable = [p for p in engine.module.parameters() if p.requires_grad]
+        self.checkpoints = proj_dir / "checkpoints"
+        self.skipped = 0  # non-finite micro batches in this segment of the run
+
+    def step(self, step: int, lr: float, stop_requested: bool) -> StepResult:
+        """Optimizer step number step + 1, at peak learning rate lr."""
+        accumulate = self.args.accumulate_grad_batches
+        step_loss, bad = torch.zeros((), device=self.device), 0
+        for micro in range(accumulate):
+            loss, first = self._micro_batch_loss(step, micro)
+            if self._finite_everywhere(loss):
+                step_loss += loss.detach().float()
+            else:
+                bad += 1
+                self._check_skip_allowance(bad, loss, step, micro, first)
+                loss = sum(p.sum() for p in self.trainable) * 0.0  # no gradient, a graph through finite tensors
+            if micro == accumulate - 1:
+                # the optimizer steps now; a step whose every micro batch was bad moves nothing
+                scale = 0.0 if bad == accumulate else 1.0
+                for group in self.engine.optimizer.param_groups:
+                    group["lr"] = lr * group.get("lr_scale", 1.0) * scale
+            self.engine.backward(loss)
+            self.engine.step()
+        self.skipped += bad
+        # one all-reduce for the loss and the stop request: every rank stops at the same step
+        reduced = torch.stack([step_loss / max(accumulate - bad, 1),
+                               torch.tensor(float(stop_requested), device=self.device)])
+        if self.world > 1:
+            dist.all_reduce(reduced)
+        self._check_grad_norm(step, bad)
+        return StepResult(reduced[0].item() / self.world, bad, reduced[1].item() > 0)
+
+    def _micro_batch_loss(self, step: int, micro: int) -> tuple[torch.Tensor, int]:
+        args = self.args
+        first = ((step * args.accumulate_grad_batches + micro) * self.world + self.rank) * args.micro_bsz
+        batch = self.data.batch(list(range(first, first + args.micro_bsz)))
+        torch.manual_seed(args.random_seed + first)  # dropout: a function of the sample index
+        inputs, targets, mask = (batch[k].to(self.device) for k in ("input_ids", "targets", "loss_mask"))
+        if args.chunk_ctx:
+            return chunked_loss(self.engine, inputs, targets, mask, args.chunk_ctx, detach=args.chunk_detach), first
+        return masked_loss(self.engine(inputs), targets, mask), first
+
+    def _finite_everywhere(self, loss: torch.Tensor) -> bool:
+        finite = torch.isfinite(loss.detach()).float()
+        if self.world > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank takes the same decision
+        return bool(finite.item())
+
+    def _check_skip_allowance(self, bad: int, loss, step: int, micro: int, first: int) -> None:
+        if self.skipped + bad > self.args.skip_nonfinite:
+            raise RWKVPeftError(
+                f"loss became {loss.item()} at step {step + 1} (micro batch {micro + 1}, samples from "
+                f"{first}); stopped without saving, the last checkpoint in {self.checkpoints} "
+                "is intact. Lower --lr_init, check the data, or allow skips with --skip_nonfinite N")
+
+    def _check_grad_norm(self, step: int, bad: int) -> None:
+        """In fp16, DeepSpeed's loss scaler owns overflow: it skips that step, reports the norm as
+        inf and lowers the scale, as it routinely does. Elsewhere a non-finite norm is fatal."""
+        grad_norm = self.engine.get_global_grad_norm()
+        if (grad_norm is not None and not math.isfinite(float(grad_norm)) and not bad
+                and not self.engine.fp16_enabled()):
+            raise RWKVPeftError(f"gradient norm became {grad_norm} at step {step + 1}; stopped without saving, "
+                                f"the last checkpoint in {self.checkpoints} is intact. "
+                                "Lower --lr_init or use --precision fp32")
