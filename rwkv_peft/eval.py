@@ -30,6 +30,7 @@ import torch
 
 from .assets import DEMO_HELDOUT
 from .errors import RWKVPeftError
+from .io import atomic_write
 from .train.loss import masked_ce_sum
 
 
@@ -59,7 +60,7 @@ def parse_args(argv=None):
 
 
 def read_records(path: str) -> list[dict]:
-    from .data.datasets import iter_jsonl
+    from .data.sources import iter_jsonl
 
     p = Path(path)
     if not p.is_file():
@@ -100,7 +101,7 @@ def heldout_loss(model, data, batch_size: int = 8) -> tuple[float, int]:
 
 def task_items(records: list[dict], tokenizer) -> list[dict]:
     """One item per assistant turn: prompt ids, the expected reply, how it is matched."""
-    from .data.datasets import CHAT_ASSISTANT, chat_segments, encode_segments
+    from .data.chat_format import CHAT_ASSISTANT, chat_segments, encode_segments
 
     items = []
     for r, rec in enumerate(records):
@@ -232,7 +233,7 @@ def main(argv=None) -> int:
         slim = [{k: v for k, v in r.items() if k != "replies"} | {
             "replies": [{"question": i["question"], "expected": i["answer"] or i["expected"], "reply": rep,
                          "hit": hit} for i, rep, hit in r["replies"]]} for r in results]
-        Path(args.json).write_text(json.dumps(slim, indent=1))
+        atomic_write(args.json, lambda f: f.write(json.dumps(slim, indent=1).encode()))
     return 0
 
 
