@@ -323,8 +323,8 @@ SYSTEMS = ["You are a helpful assistant.", "You are a friendly assistant. Answer
 
 
 def render_chat(turns: list[tuple[str, str]], system: str | None = None) -> str:
-    """The World chat format, exactly as rwkv_peft.data.datasets renders chat records."""
-    from rwkv_peft.data.datasets import CHAT_ASSISTANT, CHAT_REPLY, CHAT_SYSTEM, CHAT_USER
+    """The World chat format, exactly as rwkv_peft.data.chat_format renders chat records."""
+    from rwkv_peft.data.chat_format import CHAT_ASSISTANT, CHAT_REPLY, CHAT_SYSTEM, CHAT_USER
 
     out = CHAT_SYSTEM.format(system) if system else ""
     for q, a in turns:

@@ -97,7 +97,7 @@ class Chat:
     """One conversation: the rendered turns live only in the recurrent state."""
 
     def __init__(self, model, tokenizer, sampling, args, generator):
-        from .data.datasets import CHAT_ASSISTANT, chat_segments
+        from .data.chat_format import CHAT_ASSISTANT, chat_segments
         from .generate import prefill
 
         self.decoder = model.decoder()  # its weight copies, built once for the whole conversation

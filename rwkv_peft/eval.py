@@ -31,6 +31,7 @@ import torch
 from .assets import DEMO_HELDOUT
 from .cli import HelpFormatter, add_foreign_adapter_flags, run_command
 from .errors import RWKVPeftError
+from .io import atomic_write
 from .scoring import heldout_loss, read_records, task_items, task_score
 
 
@@ -147,7 +148,7 @@ def _command(argv) -> None:
         slim = [{k: v for k, v in r.items() if k != "replies"} | {
             "replies": [{"question": i["question"], "expected": i["answer"] or i["expected"], "reply": rep,
                          "hit": hit} for i, rep, hit in r["replies"]]} for r in results]
-        Path(args.json).write_text(json.dumps(slim, indent=1))
+        atomic_write(args.json, lambda f: f.write(json.dumps(slim, indent=1).encode()))
 
 
 if __name__ == "__main__":

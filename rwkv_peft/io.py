@@ -1,10 +1,13 @@
-"""Reading and writing tensor files safely.
+"""Reading tensor files safely, and writing every file atomically.
 
 Checkpoints are PyTorch files (.pth, the official format) or safetensors (.safetensors:
 no pickle at all, memory-mapped). Loads never run pickle code (`weights_only=True`: a
-checkpoint is untrusted input), and saves are atomic (write a temporary file beside the
-target, then rename), so an interrupted write never leaves a half-written file under the
-real name.
+checkpoint is untrusted input).
+
+Every file the package writes (lines appended to a log aside) goes through `AtomicFile`:
+a temporary file beside the target, flushed to disk, then renamed over it; `atomic_file`
+(a `with` block) and `atomic_write` (a callback) are built on it. An interrupted write
+never leaves a half-written file under the real name.
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ from __future__ import annotations
 import os
 import pickle
 import secrets
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable, Iterator
 
 import torch
 
@@ -102,20 +106,55 @@ def check_writable_dir(directory: str | os.PathLike, message: Callable[[Path], s
     return directory
 
 
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call write(file) on a temporary file beside path, fsync, then rename it over path."""
-    path = Path(path)
-    directory = check_writable_dir(path.parent if str(path.parent) else Path("."))
-    fd, tmp = _create_temp_beside(directory, path.name)
+class AtomicFile:
+    """A binary file written under a temporary name beside `path`, for writes that take a while.
+
+    commit() flushes it to disk and renames it over path; discard() drops it. A writer that
+    must put several files in place in an order (the last one marks the set complete) holds
+    one of these per file and commits them in that order.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        directory = check_writable_dir(self.path.parent if str(self.path.parent) else Path("."))
+        fd, self._tmp = _create_temp_beside(directory, self.path.name)
+        self.file = os.fdopen(fd, "wb")
+        self.committed = False
+
+    def commit(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self._tmp, self.path)
+        self.committed = True
+
+    def discard(self) -> None:
+        """Remove the temporary file; nothing once committed."""
+        if self.committed:
+            return
+        try:
+            self.file.close()
+        finally:
+            self._tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """A binary file to write in a `with` block: it replaces path when the block ends
+    normally; after an exception, path keeps its old content and no temporary file is left."""
+    out = AtomicFile(path)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        yield out.file
+        out.commit()
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        out.discard()
         raise
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
+    """Call write(file) on a temporary file beside path, fsync, then rename it over path."""
+    with atomic_file(path) as f:
+        write(f)
 
 
 def _create_temp_beside(directory: Path, name: str) -> tuple[int, Path]:

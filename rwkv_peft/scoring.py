@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .data.datasets import CHAT_ASSISTANT, chat_segments, encode_segments, iter_jsonl
+from .data.chat_format import CHAT_ASSISTANT, chat_segments, encode_segments
+from .data.sources import iter_jsonl
 from .errors import RWKVPeftError
 from .generate import Sampling, generate_text
 from .loss import masked_ce_sum

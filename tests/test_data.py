@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from rwkv_peft.data import datasets as ds
+from rwkv_peft.data import sources
 from rwkv_peft.data.binidx import BinIdxWriter, read_binidx
+from rwkv_peft.data.chat_format import RENDER_LOSS_END, RENDER_LOSS_START
 from rwkv_peft.data.datasets import load_training_data
 from rwkv_peft.data.prepare import main as prepare_main
 from rwkv_peft.data.tokenizer import load_tokenizer
@@ -206,7 +207,7 @@ def test_render_marks_trained_spans(tok, tmp_path):
     path = write_jsonl(tmp_path / "c.jsonl", [{"messages": [
         {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}])
     text = load_training_data(str(path), tok, 64, mode="pad").render(0)
-    L, R = ds.RENDER_LOSS_START, ds.RENDER_LOSS_END
+    L, R = RENDER_LOSS_START, RENDER_LOSS_END
     assert text.splitlines()[0].startswith("---")
     assert text.split("\n", 1)[1] == f"User: Hi\n\nAssistant:{L} Hello!\n\n{R}<eos>"
 
@@ -318,7 +319,7 @@ def test_txt_is_one_document_cut_safely(tok, tmp_path, monkeypatch):
     text = "".join(f"Line {i}: some words, \u00e9t\u00e9.\n" + ("\n  indented\n" if i % 7 == 0 else "")
                    for i in range(300))
     (tmp_path / "t.txt").write_text(text, encoding="utf-8")
-    monkeypatch.setattr(ds, "_TEXT_CHUNK", 100)  # many cuts
+    monkeypatch.setattr(sources, "_TEXT_CHUNK", 100)  # many cuts
     data = load_training_data(str(tmp_path / "t.txt"), tok, 10**5, mode="pad", progress=False)
     ids, _ = whole(data)
     assert ids == tok.encode(text) + [0] and data.num_documents == 1

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rwkv_peft.errors import RWKVPeftError
-from rwkv_peft.io import atomic_write, load_tensor_file, save_checkpoint_file, save_tensor_file_atomic
+from rwkv_peft.io import atomic_file, atomic_write, load_tensor_file, save_checkpoint_file, save_tensor_file_atomic
 
 
 def test_atomic_write_replaces_or_keeps_and_leaves_nothing_else(tmp_path):
@@ -57,3 +57,19 @@ def test_checkpoints_as_safetensors_round_trip_and_other_names_are_refused(tmp_p
     with pytest.raises(RWKVPeftError, match=r"m.bin: unknown checkpoint format '.bin'; name it .pth"):
         save_checkpoint_file(sd, tmp_path / "m.bin", "--output")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pth", "m.safetensors"]
+
+
+def test_atomic_file_keeps_the_old_content_when_the_block_fails(tmp_path):
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"before")
+    with pytest.raises(RuntimeError, match="stop"):
+        with atomic_file(target) as f:
+            f.write(b"partly written")
+            raise RuntimeError("stop")
+    assert target.read_bytes() == b"before"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]  # no temporary file left
+
+    with atomic_file(target) as f:
+        f.write(b"after")
+    assert target.read_bytes() == b"after"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]

@@ -20,20 +20,20 @@ RWKV-LM's `src/binidx.py`; this module is an independent implementation from tha
 
 `read_binidx` memory-maps the .bin with numpy (nothing is loaded into RAM) and checks that
 the two files agree; `BinIdxWriter` streams sequences to disk and writes both files
-atomically (temporary names, then os.replace).
+atomically (rwkv_peft.io: temporary names, renamed when complete, the .idx last).
 """
 
 from __future__ import annotations
 
 import os
 import struct
-import tempfile
 from array import array
 from pathlib import Path
 
 import numpy as np
 
 from rwkv_peft.errors import RWKVPeftError
+from rwkv_peft.io import AtomicFile, atomic_file
 
 __all__ = [
     "BinIdx",
@@ -61,16 +61,6 @@ DTYPE_CODES: dict[int, np.dtype] = {
 }
 _FLOAT_CODES = {6: "float64", 7: "float32/float64"}
 _CODE_OF = {dt: code for code, dt in DTYPE_CODES.items()}
-
-
-def default_file_mode(path: str | os.PathLike) -> None:
-    """Give a file made by tempfile.mkstemp (mode 0600) the usual 0666 & ~umask mode."""
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(path, 0o666 & ~umask)
-    except OSError:
-        pass
 
 
 def token_dtype_for_vocab(vocab_size: int) -> np.dtype:
@@ -191,14 +181,7 @@ class BinIdxWriter:
         if self.dtype not in _CODE_OF:
             raise RWKVPeftError(f"binidx cannot store {self.dtype.name} tokens")
         self.bin_path, self.idx_path = binidx_paths(prefix)
-        directory = self.bin_path.parent
-        if not directory.is_dir():
-            raise RWKVPeftError(f"output directory does not exist: {directory}")
-        if not os.access(directory, os.W_OK):
-            raise RWKVPeftError(f"output directory is not writable: {directory}")
-        fd, self._bin_tmp = tempfile.mkstemp(prefix=f".{self.bin_path.name}.", suffix=".tmp",
-                                             dir=directory)
-        self._bin = os.fdopen(fd, "wb")
+        self._bin = AtomicFile(self.bin_path)  # raises if the directory is missing or read-only
         self._sizes = array("i")
         self._doc_idx = array("q", [0])
         self._info = np.iinfo(self.dtype)
@@ -211,7 +194,7 @@ class BinIdxWriter:
                 f"token id {int(arr.max())} does not fit {self.dtype.name} in {self.bin_path}")
         if arr.size >= 2**31:
             raise RWKVPeftError("a single binidx sequence must have fewer than 2**31 tokens")
-        arr.astype(self.dtype.newbyteorder("<"), copy=False).tofile(self._bin)
+        arr.astype(self.dtype.newbyteorder("<"), copy=False).tofile(self._bin.file)
         self._sizes.append(int(arr.size))
         self.num_tokens += int(arr.size)
         if end_document:
@@ -226,38 +209,26 @@ class BinIdxWriter:
 
     def close(self) -> None:
         """Finish both files and move them to their real names (.idx last)."""
-        self._bin.flush()
-        os.fsync(self._bin.fileno())
-        self._bin.close()
         sizes = np.frombuffer(self._sizes, dtype=np.int32) if self._sizes else np.zeros(0, np.int32)
         pointers = np.zeros(len(sizes), dtype=np.int64)
         if len(sizes) > 1:
             np.cumsum(sizes[:-1].astype(np.int64) * self.dtype.itemsize, out=pointers[1:])
         doc_idx = np.frombuffer(self._doc_idx, dtype=np.int64)
-        fd, idx_tmp = tempfile.mkstemp(prefix=f".{self.idx_path.name}.", suffix=".tmp",
-                                       dir=self.idx_path.parent)
         try:
-            with os.fdopen(fd, "wb") as f:
+            with atomic_file(self.idx_path) as f:
                 f.write(_HEADER.pack(IDX_MAGIC, IDX_VERSION, _CODE_OF[self.dtype],
                                      len(sizes), len(doc_idx)))
                 f.write(sizes.astype("<i4").tobytes())
                 f.write(pointers.astype("<i8").tobytes())
                 f.write(doc_idx.astype("<i8").tobytes())
-                f.flush()
-                os.fsync(f.fileno())
-            default_file_mode(self._bin_tmp)
-            default_file_mode(idx_tmp)
-            os.replace(self._bin_tmp, self.bin_path)
-            os.replace(idx_tmp, self.idx_path)
+                # the .bin goes into place before the .idx that describes it
+                self._bin.commit()
         except BaseException:
-            Path(idx_tmp).unlink(missing_ok=True)
-            Path(self._bin_tmp).unlink(missing_ok=True)
+            self._bin.discard()
             raise
 
     def abort(self) -> None:
-        if not self._bin.closed:
-            self._bin.close()
-        Path(self._bin_tmp).unlink(missing_ok=True)
+        self._bin.discard()
 
     def __enter__(self) -> "BinIdxWriter":
         return self

@@ -21,7 +21,7 @@ from ..cli import run_command
 from ..errors import RWKVPeftError
 
 from .binidx import BinIdxWriter, token_dtype_for_vocab
-from .datasets import detect_jsonl_kind, iter_documents, resolve_data_type
+from .sources import detect_jsonl_kind, iter_documents, resolve_data_type
 from .tokenizer import load_tokenizer
 
 _SFT_NOTE = ("binidx cannot hold loss masks, so SFT/chat data cannot be converted: train on "

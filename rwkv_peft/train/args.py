@@ -264,6 +264,8 @@ if __name__ == "__main__":
     import re
     import sys
 
+    from ..io import atomic_write
+
     if len(sys.argv) < 2:
         print(markdown_table())
     else:
@@ -271,4 +273,5 @@ if __name__ == "__main__":
         block = re.compile(r"(<!-- options:start[^\n]*-->\n).*?(\n<!-- options:end -->)", re.S)
         if not block.search(readme):
             sys.exit(f"{sys.argv[1]}: no <!-- options:start --> ... <!-- options:end --> block")
-        open(sys.argv[1], "w").write(block.sub(lambda m: m.group(1) + markdown_table() + m.group(2), readme))
+        updated = block.sub(lambda m: m.group(1) + markdown_table() + m.group(2), readme)
+        atomic_write(sys.argv[1], lambda f: f.write(updated.encode()))

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,7 +23,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..data.datasets import CACHE_DIRNAME, iter_jsonl, load_training_data, resolve_data_type
+from ..data.datasets import load_training_data
+from ..data.sources import iter_jsonl, resolve_data_type
+from ..data.token_cache import cache_dirs
 from ..errors import RWKVPeftError
 from ..io import atomic_write, check_writable_dir
 from ..scoring import heldout_sums, read_records, task_items, task_score
@@ -35,7 +36,7 @@ GENERATE_MAX_TOKENS = 64  # as rwkv_peft.eval's default --max_tokens
 
 def split_dir(data_path: Path) -> Path:
     """Where the two parts of a split go: the token cache directory beside the data, else a temp one."""
-    for directory in (data_path.parent / CACHE_DIRNAME, Path(tempfile.gettempdir()) / "rwkv_peft_cache"):
+    for directory in cache_dirs(data_path):
         try:
             directory.mkdir(parents=True, exist_ok=True)
             return check_writable_dir(directory)
