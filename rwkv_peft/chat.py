@@ -137,22 +137,30 @@ def stats_line(result) -> str:
 
 
 def run(args) -> int:
+    chat = _start_chat(args)
+    if args.prompt:
+        _answer(chat, args.prompt)
+    else:
+        _converse(chat)
+    return 0
+
+
+def _note(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def _start_chat(args) -> Chat:
+    """Load the model the flags name (or the newest merged one) and say what was loaded."""
     import torch
 
     from .data.tokenizer import tokenizer_for
     from .generate import Sampling, set_threads
     from .peft.load import load_model
 
-    interactive = not args.prompt
-    err = sys.stderr
-
-    def note(msg):
-        print(msg, file=err)
-
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype_name = args.dtype or ("fp32" if device == "cpu" else "bf16")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
-    path, adapter = choose_model(args, note)
+    path, adapter = choose_model(args, _note)
     start = time.perf_counter()
     model = load_model(path, adapter=adapter, state=args.state, dtype=dtype, device=device).eval()
     threads = set_threads(model, args.threads)
@@ -166,43 +174,47 @@ def run(args) -> int:
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                         presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                         penalty_decay=args.penalty_decay)
-    chat = Chat(model, tokenizer, sampling, args, generator)
     what = f"{path}" + (f" + adapter {args.adapter}" if args.adapter else "") + (
         f" + state {args.state}" if args.state else "")
     n_params = sum(p.numel() for p in model.parameters())
     where = f"{device} {dtype_name}" + (f", {threads} CPU thread(s)" if device == "cpu" else "")
-    note(f"{what}: RWKV-{cfg.version}, {cfg.n_layer} layers x {cfg.n_embd}, vocab {cfg.vocab_size}, "
-         f"{n_params / 1e6:.1f}M parameters, {where}; loaded in {time.perf_counter() - start:.1f} s")
+    _note(f"{what}: RWKV-{cfg.version}, {cfg.n_layer} layers x {cfg.n_embd}, vocab {cfg.vocab_size}, "
+          f"{n_params / 1e6:.1f}M parameters, {where}; loaded in {time.perf_counter() - start:.1f} s")
+    return Chat(model, tokenizer, sampling, args, generator)
 
-    if not interactive:
-        for message in args.prompt:
-            first = True
-            for piece in chat.reply(message):
-                if first:
-                    piece, first = piece.lstrip(), False
-                print(piece, end="", flush=True)
-            print(flush=True)
-            note(stats_line(chat.last))
-        return 0
 
+def _answer(chat: Chat, prompts: list[str]) -> None:
+    """--prompt: print the reply to each message, one turn after the other."""
+    for message in prompts:
+        first = True
+        for piece in chat.reply(message):
+            if first:
+                piece, first = piece.lstrip(), False
+            print(piece, end="", flush=True)
+        print(flush=True)
+        _note(stats_line(chat.last))
+
+
+def _converse(chat: Chat) -> None:
+    """The interactive chat, until /quit, Ctrl-D or Ctrl-C at the prompt."""
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    note("type a message; /reset starts again, /quit or Ctrl-D ends, Ctrl-C stops a reply")
+    _note("type a message; /reset starts again, /quit or Ctrl-D ends, Ctrl-C stops a reply")
     while True:
         try:
             message = input("User: ")
         except (EOFError, KeyboardInterrupt):
             print()
-            return 0
+            return
         message = message.strip()
         if not message:
             continue
         if message.startswith("/"):
             command = message.split()[0].lower()
             if command in ("/quit", "/exit"):
-                return 0
+                return
             if command == "/reset":
                 chat.reset()
                 print("(conversation cleared)\n", flush=True)
@@ -217,7 +229,7 @@ def run(args) -> int:
             print(" [stopped; this turn is forgotten]\n", flush=True)
             continue
         print(flush=True)
-        note(stats_line(chat.last))
+        _note(stats_line(chat.last))
         print(flush=True)
 
 

@@ -7,7 +7,7 @@
         print(piece, end="", flush=True)
     result = gen.result            # GenerationResult: .state (carry it into the next turn), .tokens, ...
 
-Sampling (SPEC section 3), one step:
+Sampling (docs/formats.md section 3), one step:
   1. penalties: logits[t] -= presence + frequency * count[t] for every token t already in
      the occurrence table (generated tokens only, not the prompt);
   2. probs = softmax(logits); keep the top_k most likely (top_k > 0) and the smallest set of
@@ -103,12 +103,12 @@ def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_p: float =
 class Sampling:
     """Sampling settings (see the module docstring); the defaults are plain sampling."""
 
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    penalty_decay: float = 0.996
+    temperature: float = 1.0        # 0: greedy
+    top_p: float = 1.0              # 1: no nucleus cut; 0: greedy
+    top_k: int = 0                  # 0: no top-k cut
+    presence_penalty: float = 0.0   # subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # subtracted per (decayed) occurrence
+    penalty_decay: float = 0.996    # the occurrence table's decay per generated token
 
     @property
     def greedy(self) -> bool:

@@ -12,6 +12,7 @@ never leaves a half-written file under the real name.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import secrets
@@ -31,6 +32,16 @@ def first_line(e: BaseException) -> str:
     """The first line of an exception's message (its type's name when it has none): for one-line errors."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def read_json(path: str | os.PathLike, flag: str):
+    """The JSON value in the file a flag names; one line naming the flag when it cannot be read."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise RWKVPeftError(f"{flag} file not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise RWKVPeftError(f"{flag} file {path} is not valid JSON: {e}") from None
 
 
 def check_checkpoint_suffix(path: str | os.PathLike, flag: str) -> None:

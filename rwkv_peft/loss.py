@@ -26,7 +26,7 @@ class VocabCrossEntropy(torch.autograd.Function):
 
     Backward, per slice: d ce / d logits = softmax - onehot (scaled by the incoming gradient),
     written into the one gradient buffer. With l2_factor > 0 the backward also adds
-    the official L2Wrap nudge (SPEC section 6): l2_factor times each position's largest
+    the official L2Wrap nudge (docs/formats.md section 6): l2_factor times each position's largest
     logit at its argmax, for every position, whatever the incoming gradient.
     """
 

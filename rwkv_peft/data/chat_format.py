@@ -1,4 +1,4 @@
-"""The World chat format (SPEC section 3): the one rendering of chats and SFT records that
+"""The World chat format (docs/formats.md section 3): the one rendering of chats and SFT records that
 training, chat, eval and validation share.
 
 The exact strings:
@@ -40,7 +40,7 @@ __all__ = [
     "merge_runs",
 ]
 
-# World chat format (SPEC section 3). The reply template holds the trained text.
+# World chat format (docs/formats.md section 3). The reply template holds the trained text.
 CHAT_SYSTEM = "System: {}\n\n"
 CHAT_USER = "User: {}\n\n"
 CHAT_ASSISTANT = "Assistant:"

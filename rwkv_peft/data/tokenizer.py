@@ -4,7 +4,7 @@ Both share one small interface (`Tokenizer`): `encode`, `decode` (never raises o
 UTF-8: bad bytes become U+FFFD), `decode_bytes` (exact bytes, for streaming output token by
 token), `vocab_size` and `eos_id`. `load_tokenizer(spec)` picks one from a string.
 
-World encoding is greedy longest match over UTF-8 bytes (SPEC section 3). `WorldTokenizer`
+World encoding is greedy longest match over UTF-8 bytes (docs/formats.md section 3). `WorldTokenizer`
 encodes `str` with the Rust library pyrwkv-tokenizer when it is installed, and otherwise
 with the pure-Python encoder below, which is also always used for `encode_bytes` input that
 is not valid UTF-8 (the library accepts only `str`). Decoding is always done here (the

@@ -1,6 +1,6 @@
 """Model configuration, and inferring it from an official checkpoint's state dict.
 
-Every size comes from tensor shapes (SPEC section 1), never from a formula, because the
+Every size comes from tensor shapes (docs/formats.md section 1), never from a formula, because the
 low-rank widths differ between official model sizes.
 """
 

@@ -1,4 +1,4 @@
-"""RNN-mode decoding, one token at a time: the per-token maths of SPEC section 2 done directly.
+"""RNN-mode decoding, one token at a time: the per-token maths of docs/formats.md section 2 done directly.
 
     decoder = model.decoder()                       # once per inference session (see the memory note)
     state = model.zero_state(1)                     # or the state a prefill returned

@@ -1,4 +1,4 @@
-"""A fresh RWKV-7 model with the official x070 initialisation (SPEC section 6)."""
+"""A fresh RWKV-7 model with the official x070 initialisation (docs/formats.md section 6)."""
 
 from __future__ import annotations
 

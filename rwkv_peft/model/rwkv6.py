@@ -1,7 +1,6 @@
-"""RWKV-6 ("x060") block: TimeMix and ChannelMix, line by line as in SPEC section 2.
-
-Parameter names and shapes are the official checkpoint's, so `state_dict()` keys equal
-the keys of an official `.pth` file.
+"""RWKV-6 ("x060") block, as docs/formats.md section 2 writes its maths: TimeMix with the
+data-dependent token-shift mixes (time_maa_*) and decay, the bonus u (time_faaaa), and a
+ChannelMix gated by a receptance. Names and shapes are those of official x060 files.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
-"""RWKV-7 ("x070") block: TimeMix and ChannelMix, line by line as in SPEC section 2.
+"""RWKV-7 ("x070") block: TimeMix (decay, in-context learning rate a, value residual, gate)
+and ChannelMix (squared ReLU), one line per step of the maths in docs/formats.md section 2.
 
-Parameter names and shapes are the official checkpoint's, so `state_dict()` keys equal
-the keys of an official `.pth` file.
+The official checkpoint's names and shapes (docs/formats.md section 1), so `state_dict()`
+has an official `.pth` file's keys.
 """
 
 from __future__ import annotations

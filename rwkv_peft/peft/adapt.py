@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import RWKVPeftError
+from ..io import read_json
 from ..model.rwkv import RWKV
 from ..model.time_state import add_time_state, state_parts
 from .methods import METHODS, PeftMethod, make_method
@@ -108,12 +109,7 @@ def parse_rules(text: str | None) -> list[Rule]:
         return []
     if text.strip().endswith(".json"):
         path = Path(text.strip())
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise RWKVPeftError(f"--peft_rules file not found: {path}") from None
-        except json.JSONDecodeError as e:
-            raise RWKVPeftError(f"--peft_rules file {path} is not valid JSON: {e}") from None
+        data = read_json(path, "--peft_rules")
         if isinstance(data, dict):
             return [_parse_spec(p, s, f"{p}={s}") for p, s in data.items()]
         if isinstance(data, list) and all(isinstance(d, dict) and "pattern" in d for d in data):

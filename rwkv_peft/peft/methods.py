@@ -1,4 +1,4 @@
-"""The PEFT methods: LoRA, PiSSA, Bone and Bat (SPEC section 4).
+"""The PEFT methods: LoRA, PiSSA, Bone and Bat (docs/formats.md section 4).
 
 Each method is one small module attached to one frozen linear layer W [out, in]. The same
 object serves training, merging and tests, so the merge cannot drift from training:

@@ -6,7 +6,6 @@ launcher's variables ourselves); `torchrun` and the `deepspeed` launcher set the
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import warnings
@@ -15,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import RWKVPeftError
-from ..io import first_line
+from ..io import first_line, read_json
 from .args import TrainArgs
 
 
@@ -85,12 +84,7 @@ def deepspeed_config(args: TrainArgs, world_size: int) -> dict:
     }
     if args.deepspeed_config:
         path = Path(args.deepspeed_config)
-        try:
-            user = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise RWKVPeftError(f"--deepspeed_config file not found: {path}") from None
-        except json.JSONDecodeError as e:
-            raise RWKVPeftError(f"--deepspeed_config {path} is not valid JSON: {e}") from None
+        user = read_json(path, "--deepspeed_config")
         if not isinstance(user, dict):
             raise RWKVPeftError(f"--deepspeed_config {path} must hold a JSON object")
         if "optimizer" in user or "scheduler" in user:
