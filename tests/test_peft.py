@@ -77,6 +77,7 @@ def merged_runs(tmp_path_factory):
     return ours, refs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setup", SETUPS)
 def test_merged_file_in_official_runtime_equals_adapted_model(setup, merged_runs):
     ours, refs = merged_runs
@@ -303,6 +304,7 @@ def run_merge(cwd, *args):
                           text=True, timeout=300, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
 
 
+@pytest.mark.slow
 def test_merge_cli_bare_uses_newest_adapter_and_its_base(tmp_path):
     sd = make_base(7)
     base = tmp_path / "base.pth"
