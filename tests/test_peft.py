@@ -15,6 +15,8 @@ from rwkv_peft.peft.adapt import parse_rules, plan_adapters, prepare_peft
 from rwkv_peft.peft.adapter_file import describe_base, read_adapter, save_adapter
 from rwkv_peft.peft.merge import check_merge, merge_adapter, merge_files
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: these models are tiny
+
 ROOT = Path(__file__).parent.parent
 T = 29
 
