@@ -51,6 +51,7 @@ def released_mb(mode: str) -> float:
     return float(proc.stdout.split()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not GLIBC, reason="glibc's malloc only")
 def test_compact_malloc_gives_freed_activations_back():
     assert released_mb("default") < 20  # 150 MB freed between the kept blocks stay resident
@@ -86,6 +87,7 @@ def test_auto_saves_memory_for_large_models_on_the_cpu_only(monkeypatch):
     assert _choose(None, "compact", 20_000_000, "cuda", monkeypatch)[2] is False
 
 
+@pytest.mark.slow
 def test_lean_settings_leave_the_losses_unchanged(tmp_path):
     """train.py with gradient checkpointing and the compact malloc: the same losses, bit for bit,
     as the defaults, which for this tiny model are neither (recorded in args.json)."""

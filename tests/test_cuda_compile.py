@@ -133,6 +133,7 @@ def test_python_chunk_length_is_the_kernels():
     assert match and int(match.group(1)) == wkv_cuda.CHUNK_LEN
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(_nvcc() is None, reason="nvcc not found")
 def test_nvcc_compiles_every_kernel(builds):
     """Each .cu to an object for sm_80 and sm_90, with the extension's flags (head size 64)."""
@@ -141,6 +142,7 @@ def test_nvcc_compiles_every_kernel(builds):
         assert (builds.out / f"{cu.stem}.o").stat().st_size > 0
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CXX is None, reason="no C++ compiler")
 def test_bindings_pass_syntax_check(builds):
     result = builds.wait("bindings")["wkv_op.cpp"]
@@ -322,6 +324,7 @@ SHAPES = [(1, 1, 1), (2, 5, 2), (1, 16, 1), (2, 37, 2)]
 TOL = {torch.float32: 2e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("with_state", [False, True], ids=["zero-state", "state"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B%dT%dH%d" % s)
@@ -333,6 +336,7 @@ def test_emulated_wkv7_matches_float64_reference(emulated, shape, with_state, dt
     assert max(errs.values()) < TOL[dtype], errs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("with_state", [False, True], ids=["zero-state", "state"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B%dT%dH%d" % s)
@@ -344,6 +348,7 @@ def test_emulated_wkv6_matches_float64_reference(emulated, shape, with_state, dt
     assert max(errs.values()) < TOL[dtype], errs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", [7, 6])
 def test_emulated_head_size_64(emulated, version):
     ext = emulated[64]
@@ -358,6 +363,7 @@ def test_emulated_head_size_64(emulated, version):
         assert max(errs.values()) < TOL[dtype], (dtype, errs)
 
 
+@pytest.mark.slow
 def test_emulated_rwkv6_fast_decays(emulated):
     """RWKV-6 decays down to ~1e-9 per step (w up to 3): no division by the decay anywhere."""
     ext = emulated[16]
@@ -367,6 +373,7 @@ def test_emulated_rwkv6_fast_decays(emulated):
     assert max(errs.values()) < 2e-6, errs
 
 
+@pytest.mark.slow
 def test_emulated_wrapper_paths(emulated):
     """No-grad path = grad path; mixed dtypes (w fp32, the rest bf16, as in the model);
     non-contiguous inputs; float64 computes in fp32; T = 0; the RNN split gives the whole."""
@@ -411,6 +418,7 @@ def test_emulated_wrapper_paths(emulated):
     assert u6.grad.dtype == torch.bfloat16 and u6.grad.abs().sum() > 0 and state.grad.abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_emulated_checkpoint_memory_only_with_grad(emulated, monkeypatch):
     """The forward keeps checkpoints only when a gradient is needed."""
     ext = emulated[16]
@@ -447,6 +455,7 @@ class _FaultyExtension:
         return faulty
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", [7, 6])
 def test_self_test_passes_the_emulated_kernels(emulated, monkeypatch, version):
     """The start-up self-test, through the same path as on a GPU (load_extension, then the
@@ -456,6 +465,7 @@ def test_self_test_passes_the_emulated_kernels(emulated, monkeypatch, version):
     assert wkv_cuda._check_kernel(torch.device("cpu"), 16, version) is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version,binding,index,expected", [
     (7, "wkv7_backward", 1, "dw"),
     (7, "wkv7_backward", 6, "ds0"),

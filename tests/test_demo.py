@@ -90,6 +90,7 @@ GREEDY = ["--prompt", QUESTION, "--prompt", "Tell me a story.", "--prompt", UNSE
           "--temperature", "0", "--max_tokens", "24"]
 
 
+@pytest.mark.slow
 def test_chat_merged_equals_base_plus_adapter(quickstart, chat, capsys, monkeypatch):
     d, adapter, merged = quickstart
     # the command line itself, once: no --model picks the newest out/**/merged.pth
@@ -132,6 +133,7 @@ def test_chat_ends_at_end_of_input(chat, capsys, monkeypatch, tmp_path):
 STATS = r"\[\d+ tokens in [\d.]+ s, [\d.]+ tokens/s"  # the line demo/chat.py writes after each reply
 
 
+@pytest.mark.slow
 def test_chat_in_a_terminal(tmp_path):
     pexpect = pytest.importorskip("pexpect")
     child = pexpect.spawn(sys.executable, [str(DEMO / "chat.py"), "--model", str(DEMO / "base.pth"),

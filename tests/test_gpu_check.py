@@ -42,6 +42,7 @@ def test_bad_arguments_are_refused(capsys):
     assert "--rows entry '1.5B:bone' is not MODEL:METHOD:GRAD_CP" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_without_a_gpu_each_step_is_skipped_and_recorded(tmp_path):
     """The real children (build, bench_gpu.py), as on the GPU machine; here they find no GPU."""
     out = tmp_path / "o"
@@ -109,6 +110,7 @@ def cpu_timing(monkeypatch):
     monkeypatch.setattr(bench_gpu, "time_cuda", lambda fn, repeats: (fn(), 1.0)[1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", [7, 6])
 def test_kernel_harness_times_each_op_and_compares_outputs(cpu_timing, monkeypatch, version):
     """Stand-ins: the per-token loop as "cuda" (agrees with torch), a planted wrong op as "fla"

@@ -16,6 +16,8 @@ from tiny_workspace import COMMON, ROOT, clean_env, losses, make_workspace, run_
 
 pytest.importorskip("deepspeed")
 
+pytestmark = pytest.mark.slow  # end-to-end runs: python -m pytest -m 'not slow' skips them
+
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):

@@ -90,6 +90,7 @@ def test_pieces_of_64_equal_the_whole_sequence(version, method):
     assert_same(got, ref, rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", [7, 6])
 def test_pieces_of_one_token_equal_the_whole_sequence_in_float64(version):
     model = make_model(version, "bone", dtype=torch.float64, train_parts=("ln",))
@@ -135,6 +136,7 @@ def test_chunk_detach_is_truncated_backpropagation(version):
     assert max(differs) > 1e-2, differs
 
 
+@pytest.mark.slow
 def test_train_py_chunked_matches_unchunked_and_resumes_exactly(tmp_path):
     """train.py --ctx_len 1024 --chunk_ctx 128 (with --grad_cp and ZeRO-3), stopped after two
     steps and resumed, gives the loss sequence of the plain --ctx_len 1024 run; so does it
@@ -152,6 +154,7 @@ def test_train_py_chunked_matches_unchunked_and_resumes_exactly(tmp_path):
         torch.testing.assert_close(torch.tensor(losses(work / run)), whole, rtol=1e-5, atol=1e-6, msg=run)
 
 
+@pytest.mark.slow
 def test_bad_chunk_options_give_one_error_line(tmp_path):
     cases = [["negative", "train", [*COMMON, "--chunk_ctx", "-1"]],
              ["too long", "train", [*COMMON, "--chunk_ctx", "64"]],

@@ -8,6 +8,8 @@ from official_runner import run_official
 from official_layout import rwkv6_state_dict, rwkv7_state_dict
 from rwkv_peft import RWKVPeftError, infer_config, load_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: these models are tiny
+
 CASES = {
     "v7": (7, lambda: rwkv7_state_dict(seed=1)),
     "v7-time-state": (7, lambda: rwkv7_state_dict(time_state=True, seed=5)),

@@ -11,6 +11,8 @@ from tiny_workspace import ROOT, clean_env
 
 pytest.importorskip("deepspeed")
 
+pytestmark = pytest.mark.slow  # end-to-end runs: python -m pytest -m 'not slow' skips them
+
 
 def test_installed_package_trains_merges_and_chats_from_another_directory(tmp_path):
     # The venv sees this interpreter's site-packages for torch, DeepSpeed and the rest (a copy

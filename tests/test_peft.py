@@ -15,6 +15,8 @@ from rwkv_peft.peft.adapt import parse_rules, plan_adapters, prepare_peft
 from rwkv_peft.peft.adapter_file import describe_base, read_adapter, save_adapter
 from rwkv_peft.peft.merge import check_merge, merge_adapter, merge_files
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: these models are tiny
+
 ROOT = Path(__file__).parent.parent
 T = 29
 
@@ -77,6 +79,7 @@ def merged_runs(tmp_path_factory):
     return ours, refs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setup", SETUPS)
 def test_merged_file_in_official_runtime_equals_adapted_model(setup, merged_runs):
     ours, refs = merged_runs
@@ -303,6 +306,7 @@ def run_merge(cwd, *args):
                           text=True, timeout=300, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
 
 
+@pytest.mark.slow
 def test_merge_cli_bare_uses_newest_adapter_and_its_base(tmp_path):
     sd = make_base(7)
     base = tmp_path / "base.pth"

@@ -148,6 +148,7 @@ def test_missing_library_is_one_error_line(tmp_path, monkeypatch, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
+@pytest.mark.slow
 def test_demo_over_an_nf4_base_learns_merges_and_loads_in_the_official_package(tmp_path):
     """train.py --quant nf4 on the embedded demo, merge.py with its verification, the official runtime."""
     run_script(tmp_path, "train.py", "--quant", "nf4", "--max_steps", "40", "--ctx_len", "128", "--micro_bsz", "4",

@@ -23,6 +23,8 @@ from tiny_workspace import COMMON, ROOT, clean_env, losses, make_workspace, run_
 
 pytest.importorskip("deepspeed")
 
+pytestmark = pytest.mark.slow  # end-to-end runs: python -m pytest -m 'not slow' skips them
+
 
 class Payload:
     """Unpickling this runs `touch <marker>`: what a malicious checkpoint would do."""

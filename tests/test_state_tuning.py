@@ -32,6 +32,7 @@ def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", [7, 6])
 def test_state_gradient_matches_float64_token_by_token(version):
     """d loss / d time_state of a whole-sequence fp32 pass (chunked WKV) against a float64 pass fed
@@ -71,6 +72,7 @@ def state_run(tmp_path_factory):
     return work
 
 
+@pytest.mark.slow
 def test_state_only_training_trains_just_the_state(state_run):
     adapter = read_adapter(state_run / "run" / "adapter.safetensors")
     assert adapter.layers == {}
@@ -81,6 +83,7 @@ def test_state_only_training_trains_just_the_state(state_run):
     assert state_file.keys() == adapter.parts.keys()
 
 
+@pytest.mark.slow
 def test_merged_state_file_and_adapter_give_identical_logits(state_run):
     base = torch.load(state_run / "base.pth", weights_only=True)
     tokens = tokens_for(base)
@@ -94,6 +97,7 @@ def test_merged_state_file_and_adapter_give_identical_logits(state_run):
     assert torch.equal(applied, unmerged)
 
 
+@pytest.mark.slow
 def test_chat_starts_and_resets_to_the_learned_state(state_run, capsys, monkeypatch):
     """chat --state on the base replies as the merged model does; /reset goes back to the state."""
     monkeypatch.chdir(state_run)
@@ -189,6 +193,7 @@ def test_cuda_state_gradient_matches_cpu(version):
     assert rel_err(gpu_grad, cpu_grad) <= 1e-3
 
 
+@pytest.mark.slow
 def test_state_only_next_step_names_the_recorded_base(state_run, tmp_path):
     """Without --base, merge --state_only's next step names the base the adapter records."""
     from rwkv_peft.peft.merge import write_state_only

@@ -30,6 +30,7 @@ ADAPTER_TENSORS = {"bone": {"bone"}, "bat": {"bat"}, "lora": {"lora_A", "lora_B"
                    "pissa": {"lora_A", "lora_B", "init_A", "init_B"}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["bone", "bat", "lora", "pissa"])
 def test_each_method_learns_and_writes_only_its_tensors(work, method):
     run = work / f"run-{method}"
@@ -63,6 +64,7 @@ def test_each_method_learns_and_writes_only_its_tensors(work, method):
     assert {f"{t}.weight" for t in targets} <= changed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2])
 def test_zero_across_two_processes_equals_one_process(work, stage):
     args = [*COMMON, "--peft", "lora", "--max_steps", "6", "--strategy", f"deepspeed_stage_{stage}"]
@@ -76,6 +78,7 @@ def test_zero_across_two_processes_equals_one_process(work, stage):
             torch.testing.assert_close(b.tensors[module][name], t, rtol=1e-2, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(work):
     args = [*COMMON, "--peft", "lora", "--lora_dropout", "0.1", "--max_steps", "8", "--micro_bsz", "2",
             "--warmup_steps", "2"]
@@ -107,12 +110,14 @@ def test_resume_continues_exactly(work):
     assert {p: p.read_bytes() for p in (work / "halves").rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.slow
 def test_resume_with_nothing_to_resume_fails_clearly(work):
     proc = train(work, *COMMON, "--proj_dir", "empty-run", "--resume", check=False)
     assert proc.returncode == 2
     assert "nothing to resume" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_bf16_run_and_full_finetune(work):
     train(work, *COMMON, "--peft", "bone", "--precision", "bf16", "--max_steps", "4", "--proj_dir", "bf16")
     assert all(x == x and x < 10 for x in losses(work / "bf16"))
@@ -128,6 +133,7 @@ SCRATCH = ["--tokenizer", "tok.json", "--data_file", "text.jsonl", "--ctx_len", 
            "--precision", "fp32"]
 
 
+@pytest.mark.slow
 def test_training_from_scratch_trains_every_weight_by_default(work):
     proc = train(work, *SCRATCH, "--max_steps", "20", "--model_format", "safetensors", "--proj_dir", "scratch")
     assert "(100%): full training" in proc.stdout
@@ -138,6 +144,7 @@ def test_training_from_scratch_trains_every_weight_by_default(work):
     assert not (work / "scratch/adapter.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_adapters_on_a_new_model_save_its_base_for_merge(work):
     train(work, *SCRATCH, "--peft", "bone", "--bone_r", "16", "--max_steps", "3", "--proj_dir", "scratch-bone")
     adapter = read_adapter(work / "scratch-bone/adapter.safetensors")
@@ -157,6 +164,7 @@ def test_adapters_on_a_new_model_save_its_base_for_merge(work):
             assert torch.equal(W, base[key]), key
 
 
+@pytest.mark.slow
 def test_demo_base_on_your_own_data_picks_its_tokenizer(work):
     """No --tokenizer: the demo base (1024 words) gets the demo tokenizer, as in chat and eval."""
     proc = train(work, "--load_model", str(ROOT / "demo/base.pth"), "--data_file", "text.jsonl", "--ctx_len", "32",
@@ -176,6 +184,7 @@ def test_help_shows_each_default_once(capsys):
     assert "longest greedy reply for the task score (default: 64)" in text
 
 
+@pytest.mark.slow
 def test_short_runs_warm_up_briefly_and_say_how_to_train_more(work):
     args = [a for a in COMMON if a not in ("--warmup_steps", "0")]
     proc = train(work, *args, "--micro_bsz", "8", "--proj_dir", "short")  # one epoch of a few dozen samples
@@ -186,6 +195,7 @@ def test_short_runs_warm_up_briefly_and_say_how_to_train_more(work):
     assert lrs[warmup] == 3e-2 and lrs[warmup:] == sorted(lrs[warmup:], reverse=True) and lrs[-1] < 1e-2
 
 
+@pytest.mark.slow
 def test_dry_run_shows_the_sft_loss_mask(work):
     proc = train(work, "--load_model", "base.pth", "--tokenizer", "tok.json", "--data_file", "chat.jsonl",
                  "--ctx_len", "32", "--dry_run")
@@ -236,6 +246,7 @@ def test_readme_documents_every_option():
     assert markdown_table() in readme, "regenerate the README table: python -m rwkv_peft.train.args README.md"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["deepspeed_stage_3", "deepspeed_stage_2_offload", "offload_json"])
 def test_zero3_and_offload_match_stage_1(work, strategy):
     args = [*COMMON, "--peft", "bone", "--max_steps", "4", "--micro_bsz", "2"]

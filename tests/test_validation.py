@@ -56,6 +56,7 @@ def float64_heldout_loss(work, adapter) -> float:
     return total / count
 
 
+@pytest.mark.slow
 def test_val_loss_equals_eval_and_a_float64_reference_across_two_processes(work, tmp_path):
     run = work / "two"
     proc = train(work, "--max_steps", "6", "--micro_bsz", "1", "--val_file", "val.jsonl", "--eval_every", "4",
@@ -77,6 +78,7 @@ def test_val_loss_equals_eval_and_a_float64_reference_across_two_processes(work,
     assert (run / "loss.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_validation_changes_no_training_bit_and_resumes_to_the_same_best(work):
     args = ["--lora_dropout", "0.1", "--max_steps", "8", "--micro_bsz", "2", "--warmup_steps", "2"]
     val = ["--val_file", "val.jsonl", "--eval_every", "2", "--save_best"]
@@ -125,6 +127,7 @@ def wandb_history_keys(run_file) -> set[str]:
     return keys
 
 
+@pytest.mark.slow
 def test_val_split_early_stop_best_model_tensorboard_and_wandb(work, monkeypatch, tmp_path):
     pytest.importorskip("tensorboard")
     pytest.importorskip("wandb")
