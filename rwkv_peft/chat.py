@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from .assets import DEMO_BASE
+from .model import wkv_dispatch
 from .peft.adapter_file import add_foreign_adapter_flags
 
 
@@ -48,6 +49,9 @@ def parse_args(argv=None, prog=None):
     g.add_argument("--max_tokens", type=int, default=200, help="longest reply in tokens (default 200)")
     g.add_argument("--seed", type=int, help="random seed, for replies that repeat (default: random)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--op", choices=("auto", "cuda", "torch"), default="auto",
+                   help="WKV on a GPU: auto (the CUDA kernel when it builds and passes its self-test, else PyTorch "
+                        "with one warning line), cuda (the kernel or an error), torch (default: auto)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
                    help="compute dtype (default: fp32 on CPU, bf16 on GPU)")
     p.add_argument("--threads", type=int, help="CPU threads (default: 1 for models under 20M parameters, "
@@ -223,6 +227,7 @@ def run(args) -> int:
 
 def main(argv=None, prog=None) -> int:
     args = parse_args(argv, prog)
+    wkv_dispatch.set_op(args.op)
     try:
         return run(args)
     except KeyboardInterrupt:

@@ -30,6 +30,7 @@ import torch
 
 from .assets import DEMO_HELDOUT
 from .errors import RWKVPeftError
+from .model import wkv_dispatch
 from .train.loss import masked_ce_sum
 
 
@@ -53,6 +54,9 @@ def parse_args(argv=None):
     p.add_argument("--show", type=int, default=0, help="print this many replies per model")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--op", choices=("auto", "cuda", "torch"), default="auto",
+                   help="WKV on a GPU: auto (the CUDA kernel when it builds and passes its self-test, else PyTorch "
+                        "with one warning line), cuda (the kernel or an error), torch (default: auto)")
     p.add_argument("--threads", type=int, help="CPU threads (default: 1 for models under 20M parameters)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
@@ -220,6 +224,7 @@ def print_table(results: list[dict], show: int, out=sys.stdout) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    wkv_dispatch.set_op(args.op)
     try:
         results = evaluate(args)
     except RWKVPeftError as e:

@@ -16,6 +16,7 @@ import torch
 from .assets import DEMO_BASE
 from .errors import RWKVPeftError
 from .model import load_model
+from .model import wkv_dispatch
 
 
 def parse_args(argv=None):
@@ -29,6 +30,9 @@ def parse_args(argv=None):
                                                        "as demo/chat.py chooses)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="compute dtype (default fp32)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--op", choices=("auto", "cuda", "torch"), default="auto",
+                   help="WKV on a GPU: auto (the CUDA kernel when it builds and passes its self-test, else PyTorch "
+                        "with one warning line), cuda (the kernel or an error), torch (default: auto)")
     args = p.parse_args(argv)
     if args.tokens <= 0:
         p.error("--tokens must be positive")
@@ -37,6 +41,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    wkv_dispatch.set_op(args.op)
     from .data.tokenizer import tokenizer_for
 
     try:

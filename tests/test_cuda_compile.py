@@ -452,8 +452,7 @@ def test_self_test_passes_the_emulated_kernels(emulated, monkeypatch, version):
     """The start-up self-test, through the same path as on a GPU (load_extension, then the
     autograd wrappers), accepts the real kernel code (head size 16: emulating 64 threads per
     block takes half a minute)."""
-    monkeypatch.setattr(wkv_cuda, "load_extension", lambda head_size, device: emulated[16])
-    assert wkv_cuda._check_kernel(torch.device("cpu"), 16, version) is None
+    assert wkv_cuda._run_self_test(emulated[16], torch.device("cpu"), 16, version) is None
 
 
 @pytest.mark.parametrize("version,binding,index,expected", [
@@ -463,8 +462,7 @@ def test_self_test_passes_the_emulated_kernels(emulated, monkeypatch, version):
 ])
 def test_self_test_catches_a_faulty_extension(emulated, monkeypatch, version, binding, index, expected):
     faulty = _FaultyExtension(emulated[16], binding, index)
-    monkeypatch.setattr(wkv_cuda, "load_extension", lambda head_size, device: faulty)
-    reason = wkv_cuda._check_kernel(torch.device("cpu"), 16, version)
+    reason = wkv_cuda._run_self_test(faulty, torch.device("cpu"), 16, version)
     assert reason is not None and "\n" not in reason
     assert reason.startswith(f"RWKV-{version} kernel self-test failed on cpu (float32, head size 16): "), reason
     assert expected in reason.split(" chunked path in ")[1].split(" (worst")[0].split(", "), reason
