@@ -9,7 +9,8 @@
 2. Resources per architecture (bench/ptxas_resources.py: nvcc -Xptxas -v for sm_75 ... sm_120
    at head sizes 32, 64 and 128): each kernel's shared memory fits the architecture's opt-in
    limit, except where wkv_cuda refuses the kernel before building it (RWKV-7 backward at
-   head size 128 on sm_75), and registers and spills are printed.
+   head size 128 on sm_75), registers and spills are printed, and the RWKV-7 backward at head
+   size 64 spills under 64 bytes on sm_80 to sm_89.
 
 About 40 s (TSan) and 3 minutes (ptxas) of CPU.
 """
@@ -150,9 +151,13 @@ def test_every_kernel_fits_each_architectures_shared_memory(ptxas_rows):
 
 def test_registers_and_spills_are_recorded(ptxas_rows, capsys):
     """Every kernel got its figures (the table bench/README.md records comes from
-    bench/ptxas_resources.py); printed for the log."""
+    bench/ptxas_resources.py), printed for the log; the RWKV-7 backward at head size 64, every
+    official model's, spills under 64 bytes per thread on sm_80 to sm_89 (A100 and the
+    consumer cards; it spilled 296 before its work was split in two roles)."""
     for row in ptxas_rows:
         assert {"registers", "spill_stores", "spill_loads", "static_smem"} <= set(row), row
         assert 0 < row["registers"] <= 255
+        if row["kernel"] == "wkv7_backward" and row["head_size"] == 64 and 80 <= row["arch"] <= 89:
+            assert row["spill_stores"] < 64, row
     with capsys.disabled():
         print("\n" + ptxas_resources.markdown(ptxas_rows))

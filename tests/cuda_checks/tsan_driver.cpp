@@ -1,5 +1,7 @@
 // Runs every WKV kernel once per element type (fp32, bf16) on random inputs, for
-// ThreadSanitizer: TSan reports the races; this program only drives the kernels.
+// ThreadSanitizer: TSan reports the races; this program only drives the kernels. With a
+// file name as argument it also writes every output there (raw bytes), to compare builds
+// of two versions of the kernels bit for bit.
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -31,6 +33,11 @@ struct Tokens {
     void* ptr(int dtype) { return dtype == wkv::kFloat32 ? static_cast<void*>(f.data()) : h.data(); }
 };
 
+template <typename T>
+void dump(FILE* out, const std::vector<T>& x) {
+    if (out) std::fwrite(x.data(), sizeof(T), x.size(), out);
+}
+
 bool ok(const char* err, const char* what) {
     if (err) std::fprintf(stderr, "%s: %s\n", what, err);
     return err == nullptr;
@@ -38,7 +45,8 @@ bool ok(const char* err, const char* what) {
 
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
+    FILE* out = argc > 1 ? std::fopen(argv[1], "wb") : nullptr;
     const int B = 2, T = 20, H = 1, N = _N_;  // 2 blocks at once; T: a whole chunk and a partial one
     const size_t tok = static_cast<size_t>(B) * T * H * N, mat = static_cast<size_t>(B) * H * N * N;
     const size_t ckpt = mat * ((T + wkv::CHUNK - 1) / wkv::CHUNK), scratch = mat * wkv::CHUNK;
@@ -62,7 +70,10 @@ int main() {
                                      dr.ptr(dtype), dw.data(), dk.ptr(dtype), dv.ptr(dtype), du.data(),
                                      ds0.data(), nullptr), "wkv6 backward"))
             return 1;
+        for (Tokens* x : {&y, &dr, &dk, &dv, &da, &db}) dump(out, x->f), dump(out, x->h);
+        for (auto* x : {&sT, &ck, &sa, &dw, &ds0, &du}) dump(out, *x);
     }
+    if (out) std::fclose(out);
     std::puts("ran every kernel in fp32 and bf16");
     return 0;
 }
