@@ -4,8 +4,11 @@ fallback decision around it (rwkv_peft/model/wkv_cuda.py, wkv_dispatch.py), on t
 Stand-ins for the kernel: the per-token loops of rwkv_peft.model.wkv (an implementation
 independent of the chunked form the self-test compares with) must pass; kernels with one
 planted fault each (built on the fast chunked form: the fault is what is tested) must fail
-with one line naming the fault. A failing build is injected through load_extension. tests/test_cuda_compile.py runs the self-test on the real
-kernel sources (host emulation); tests/test_wkv_cuda.py on a GPU.
+with one line naming the fault. A failing build is injected through load_extension. The
+self-test's child process is exercised with stand-in children (one killed by a signal, one
+that exits early, one that hangs, one that passes) and with the real child command; the
+shared-memory check with the properties of cards that have too little. tests/test_cuda_compile.py
+runs the self-test on the real kernel sources (host emulation); tests/test_wkv_cuda.py on a GPU.
 """
 
 from __future__ import annotations

@@ -267,9 +267,10 @@ def _first_error_line(exc: BaseException) -> str:
 def cuda_unavailable_reason(device=None, head_size: int = 64, version: int = 7) -> str | None:
     """None when the RWKV-``version`` CUDA kernel can serve tensors on device (default: the
     current CUDA device) with this head size; otherwise one line naming the cause and what to
-    do. The first call per (device, head size, version) builds the extension (a minute or two,
-    then seconds from the disk cache) and runs its self-test (rwkv_peft.model.wkv_self_test);
-    the answer is kept for the rest of the process."""
+    do. The first call per (device, head size, version) checks the card's shared memory,
+    builds the extension (a minute or two, then seconds from the disk cache) and runs its
+    self-test (rwkv_peft.model.wkv_self_test) in a child process, unless a pass is recorded
+    beside the build; the answer is kept for the rest of the process."""
     if torch.version.cuda is None:
         build = "ROCm" if getattr(torch.version, "hip", None) else "CPU-only"
         return f"torch {torch.__version__} is a {build} build without CUDA"
