@@ -4,8 +4,9 @@
    CUDA thread, blocks two at a time in a shuffled order): tests/cuda_checks/tsan_driver.cpp
    runs every kernel in fp32 and bf16 at head sizes 16, 32, 64 and 128, built with
    -fsanitize=thread; TSan must stay silent. The check can fail: with the barrier after
-   the backward's `dsa` write removed from a copy of cuda/wkv7.cu, or the one after the
-   backward's staging loop from a copy of cuda/wkv6.cu, it reports a data race.
+   the backward's `dsa` write removed from a copy of cuda/wkv7.cu (both of its call sites,
+   one per thread role), or the one after the backward's staging loop from a copy of
+   cuda/wkv6.cu, it reports a data race.
 2. Resources per architecture (bench/ptxas_resources.py: nvcc -Xptxas -v for sm_75 ... sm_120
    at head sizes 32, 64 and 128): each kernel's shared memory fits the architecture's opt-in
    limit, except where wkv_cuda refuses the kernel before building it (RWKV-7 backward at
@@ -92,26 +93,28 @@ def test_no_data_race_at_any_head_size(tsan_supported, tmp_path):
         assert run.stdout.strip() == "ran every kernel in fp32 and bf16"
 
 
-def _copy_without(tmp_path: Path, name: str, before: str, barrier: str) -> Path:
-    """cuda/ copied to tmp_path with the barrier that follows `before` in `name` removed."""
+def _copy_without(tmp_path: Path, name: str, before: str, barrier: str, count: int) -> Path:
+    """cuda/ copied to tmp_path with the `count` barriers that follow `before` in `name` removed."""
     copy = tmp_path / "cuda"
     shutil.copytree(CUDA_DIR, copy)
     source = (copy / name).read_text()
-    assert source.count(before + barrier) == 1, f"{name} changed: update this test"
+    assert source.count(before + barrier) == count, f"{name} changed: update this test"
     (copy / name).write_text(source.replace(before + barrier, before))
     return copy
 
 
-@pytest.mark.parametrize("name,kernel,before,barrier", [
-    ("wkv7.cu", "wkv7_backward_kernel", "            dsa[s & 1][n] = dsan;\n",
-     "            __syncthreads();  // dsa complete (the other buffer is free for the next step)\n"),
+@pytest.mark.parametrize("name,kernel,before,barrier,count", [
+    # the backward's column and row threads each pass this block-wide barrier: both go
+    ("wkv7.cu", "wkv7_backward_kernel", "\n", "                __syncthreads();  // dsa complete (the other buffer is "
+     "free for the next step)\n", 2),
     ("wkv6.cu", "wkv6_backward_kernel", "            ruk[s][n] = rn * (un * kn);\n        }\n",
-     "        __syncthreads();\n"),
+     "        __syncthreads();\n", 1),
 ], ids=["wkv7-after-dsa", "wkv6-after-staging"])
-def test_a_missing_barrier_is_reported(tsan_supported, tmp_path, name, kernel, before, barrier):
-    """The check can fail: these barriers' removal passes the emulated comparisons of
-    tests/test_cuda_compile.py (the threads of a block rarely overtake each other there)."""
-    program = _tsan_programs(_copy_without(tmp_path, name, before, barrier), tmp_path, (16,))[16]
+def test_a_missing_barrier_is_reported(tsan_supported, tmp_path, name, kernel, before, barrier, count):
+    """The check can fail: a copy of the sources without one of these barriers is reported, in
+    the kernel that lost it (issue 23: the dsa barrier's removal passed every emulated
+    comparison of tests/test_cuda_compile.py)."""
+    program = _tsan_programs(_copy_without(tmp_path, name, before, barrier, count), tmp_path, (16,))[16]
     run = _run_under_tsan(program)
     assert run.returncode == 66 and "WARNING: ThreadSanitizer: data race" in run.stderr, run.stderr[-3000:]
     assert f"{kernel}<" in run.stderr.split("WARNING: ThreadSanitizer: data race")[1].split("\n\n")[0]
