@@ -94,8 +94,11 @@ const char* launch(Kernel kernel, int blocks, int threads, size_t smem, void* st
     if (blocks == 0) return nullptr;
     if (smem > 48 * 1024) {
         int device = 0, optin = 0, major = 0, minor = 0;
-        cudaGetDevice(&device);
-        cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+        if (cudaGetDevice(&device) != cudaSuccess ||
+            cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
+            cudaGetLastError();  // clear it; cudaFuncSetAttribute below then says what is wrong
+            optin = static_cast<int>(smem);
+        }
         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
         cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
         char name[64];
