@@ -1,8 +1,8 @@
 """Which WKV implementation runs: the CUDA kernel (`wkv_cuda.py`) or the PyTorch forms (`wkv.py`).
 
 Both forms are imported here and neither imports this module, so the choice lives in one
-place: `set_op` (`--op` of train, chat, eval and run, or a test) sets it for the process, and `wkv7` / `wkv6`
-(what the model blocks call) apply it per call.
+place: `set_op` (`--op` of train, chat, eval and run, or a test) sets it for the process,
+and `wkv7` / `wkv6` (what the model blocks call) apply it per call.
 """
 
 from __future__ import annotations
