@@ -270,7 +270,8 @@ def test_a_pass_is_recorded_beside_the_build_and_not_run_again(built, monkeypatc
 def test_a_wrong_kernel_in_the_child_is_reported_as_its_self_test_says(built, monkeypatch):
     """The child's own verdict (here: the real self-test on a planted wrong kernel) comes back as is."""
     monkeypatch.setattr(wkv_cuda, "_child_command", _child(
-        "wkv_cuda.load_extension = lambda *args: None\nfrom rwkv_peft.model.wkv import wkv7_chunked\nfrom rwkv_peft.model.wkv_self_test import self_test\n"
+        "wkv_cuda.load_extension = lambda *args: None\n"
+        "from rwkv_peft.model.wkv import wkv7_chunked\nfrom rwkv_peft.model.wkv_self_test import self_test\n"
         "wrong = lambda *x: (wkv7_chunked(*x)[0] * 1.1, wkv7_chunked(*x)[1])\n"
         "wkv_cuda._run_self_test = lambda ext, device, n, v: self_test(wrong, v, n, device)"))
     reason = wkv_cuda._check_kernel(torch.device("cpu"), 16, 7)
