@@ -4,9 +4,9 @@
    CUDA thread, blocks two at a time in a shuffled order): tests/cuda_checks/tsan_driver.cpp
    runs every kernel in fp32 and bf16 at head sizes 16, 32, 64 and 128, built with
    -fsanitize=thread; TSan must stay silent. The check can fail: with the barrier after
-   the backward's `dsa` write removed from a copy of cuda/wkv7.cu (both of its call sites,
-   one per thread role), or the one after the backward's staging loop from a copy of
-   cuda/wkv6.cu, it reports a data race.
+   the backward's `dsa` write removed from a copy of cuda/wkv7.cu, or the one after the
+   backward's staging loop from a copy of cuda/wkv6.cu (both call sites of each, one per
+   thread role), it reports a data race.
 2. Resources per architecture (bench/ptxas_resources.py: nvcc -Xptxas -v for sm_75 ... sm_120
    at head sizes 32, 64 and 128): each kernel's shared memory fits the architecture's opt-in
    limit, except where wkv_cuda refuses the kernel before building it (RWKV-7 backward at
@@ -104,11 +104,10 @@ def _copy_without(tmp_path: Path, name: str, before: str, barrier: str, count: i
 
 
 @pytest.mark.parametrize("name,kernel,before,barrier,count", [
-    # the backward's column and row threads each pass this block-wide barrier: both go
+    # the backward's two thread roles each pass these block-wide barriers: both go
     ("wkv7.cu", "wkv7_backward_kernel", "\n", "                __syncthreads();  // dsa complete (the other buffer is "
      "free for the next step)\n", 2),
-    ("wkv6.cu", "wkv6_backward_kernel", "            ruk[s][n] = rn * (un * kn);\n        }\n",
-     "        __syncthreads();\n", 1),
+    ("wkv6.cu", "wkv6_backward_kernel", "\n", "            __syncthreads();  // the chunk's vectors are staged\n", 2),
 ], ids=["wkv7-after-dsa", "wkv6-after-staging"])
 def test_a_missing_barrier_is_reported(tsan_supported, tmp_path, name, kernel, before, barrier, count):
     """The check can fail: a copy of the sources without one of these barriers is reported, in
