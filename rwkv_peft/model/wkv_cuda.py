@@ -63,7 +63,7 @@ __all__ = ["HEAD_SIZES", "CHUNK_LEN", "load_extension", "cuda_unavailable_reason
 
 SOURCES = ("wkv_op.cpp", "wkv7.cu", "wkv6.cu")
 # Head sizes with a build (one each, on demand). 64 is every official model's; at 128 the
-# backward kernels keep their 3 x 128 per-thread rows partly in local memory: correct, slow.
+# backward kernels keep their 2 x 128 per-thread rows partly in local memory: correct, slower.
 HEAD_SIZES = (32, 64, 128)
 CHUNK_LEN = 16  # steps between state checkpoints: wkv::CHUNK in cuda/wkv.h
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
