@@ -16,8 +16,10 @@ script is tested on the CPU machine: tests/test_gpu_check.py).
            versions, timed, and the same check through cuda_unavailable_reason
   tests    pytest tests/test_wkv_cuda.py (the GPU tests) and tests/test_wkv_self_test.py
   kernels  bench/bench_gpu.py --skip-train: WKV-7 and WKV-6 forward and forward+backward at
-           B=8, T=4096, H=16, N=64, bf16: our kernel, our PyTorch chunked path and
-           flash-linear-attention's chunk_rwkv7 / chunk_rwkv6 on the same inputs, outputs compared
+           B=8, T=4096, H=16, N=64, bf16: our kernel and our PyTorch chunked path, outputs compared
+  fla      the same for flash-linear-attention's chunk_rwkv7 / chunk_rwkv6 (compared with our
+           PyTorch path again), after both versions' own rows: Triton's first-call autotune
+           is the one unknown cost, so it cannot take the RWKV-6 figures with it
   train    bench/bench_gpu.py --skip-kernel --rows ...: RWKV-7 0.1B, 1.5B (Bone and LoRA with
            --grad_cp 1: the memory goal), 0.4B, 1.5B; LoRA, PiSSA, Bone, Bat; ctx 1024; batch 1
   suite    the CPU suite's tests that take the GPU path when a GPU is present (training, chat,
@@ -57,7 +59,9 @@ TRAIN_ROWS = ("0.1B:lora:0,0.1B:bone:0,0.1B:bat:0,0.1B:pissa:0,1.5B:bone:1,1.5B:
 # CUDA), chat and evaluation (their --device defaults to cuda there).
 SUITE_TESTS = ("tests/test_train.py", "tests/test_demo.py", "tests/test_eval.py", "tests/test_generate.py")
 # Each step's time cap in seconds (before cutting to what is left of --budget).
-CAPS = {"env": 30, "build": 240, "tests": 150, "kernels": 150, "train": 240, "suite": 150}
+CAPS = {"env": 30, "build": 240, "tests": 150, "kernels": 90, "fla": 120, "train": 240, "suite": 150}
+# Seconds the build step leaves itself, after the background builds' deadline, to report.
+REPORT_MARGIN = 20
 STEPS = tuple(CAPS)
 
 
@@ -73,6 +77,7 @@ def parse_args(argv=None):
     p.add_argument("--train-rows", default=TRAIN_ROWS, help="bench_gpu.py --rows for the train step")
     p.add_argument("--dry-run", action="store_true", help="print the plan and each step's command; run nothing")
     p.add_argument("--child", choices=("build",), help=argparse.SUPPRESS)  # a step run inside a child process
+    p.add_argument("--cap", type=float, default=CAPS["build"], help=argparse.SUPPRESS)  # the child's time cap
     args = p.parse_args(argv)
     args.steps = [s.strip() for s in args.steps.split(",") if s.strip()]
     for s in args.steps:
@@ -189,13 +194,41 @@ def env_step(log: Log) -> dict:
     env["nvcc"] = nvcc.splitlines()[-2] if nvcc and len(nvcc.splitlines()) >= 2 else nvcc
     for key, value in env.items():
         log(f"  {key}: {value}")
-    missing = [n for n in ("deepspeed", "flash-linear-attention", "rwkv") if env[n] is None]
+    # fla's module comes from flash-linear-attention or from fla-core alone (its kernels' package)
+    env["fla module"] = fla_origin()
+    missing = [n for n, there in (("deepspeed", env["deepspeed"]), ("flash-linear-attention", env["fla module"]),
+                                  ("rwkv", env["rwkv"])) if there is None]
     status = "ok" if not missing else f"ok; not installed: {', '.join(missing)} (bring them as wheels: bench/README.md)"
     return {"status": status, "env": env}
 
 
-def build_child() -> dict:
-    """Inside the child: build the extension (timed) and self-test both versions (timed)."""
+def fla_origin() -> str | None:
+    """Where the `fla` module would be imported from (None when no installed package gives it),
+    found without importing it (that would import triton and torch here)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("fla")
+    return spec.origin if spec is not None else None
+
+
+def wait_all(procs: list[subprocess.Popen], deadline: float) -> list[int | str]:
+    """Each process's exit code, or "timed out" for one still running at deadline
+    (time.monotonic()), which is then killed with whatever it started (ninja, nvcc)."""
+    codes: list[int | str] = []
+    for proc in procs:
+        try:
+            codes.append(proc.wait(timeout=max(0.0, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            codes.append("timed out")
+    return codes
+
+
+def build_child(cap: float = CAPS["build"]) -> dict:
+    """Inside the child: build the extension (timed) and self-test both versions (timed).
+    The background builds get until cap less REPORT_MARGIN seconds after the start."""
+    deadline = time.monotonic() + cap - REPORT_MARGIN
     import torch
 
     sys.path.insert(0, str(REPO))
@@ -211,13 +244,13 @@ def build_child() -> dict:
         return {**result, "status": f"failed: {reason}"}
     # The GPU tests also need head sizes 32 and 128: build them in the background meanwhile.
     background = [subprocess.Popen([sys.executable, "-c", f"from rwkv_peft.model import wkv_cuda; "
-                                    f"wkv_cuda.load_extension({n})"], cwd=REPO) for n in (32, 128)]
+                                    f"wkv_cuda.load_extension({n})"], cwd=REPO, start_new_session=True)
+                  for n in (32, 128)]
     t0 = time.perf_counter()
     try:
         ext = wkv_cuda.load_extension(64, device)
     except Exception as e:
-        for proc in background:
-            proc.kill()
+        wait_all(background, 0.0)
         return {**result, "status": f"failed: build: {wkv_cuda._first_error_line(e)}"}
     result["build_s"] = round(time.perf_counter() - t0, 1)
     print(f"extension (head size 64) built or loaded in {result['build_s']} s", flush=True)
@@ -229,11 +262,9 @@ def build_child() -> dict:
         result[f"self_test_v{version}"] = reason or "passed"
         print(f"self-test RWKV-{version}: {reason or 'passed'} ({result[f'self_test_v{version}_s']} s)", flush=True)
     result["cuda_unavailable_reason"] = {v: wkv_cuda.cuda_unavailable_reason(device, 64, v) for v in (7, 6)}
-    for proc in background:
-        proc.wait()
-    result["background_builds"] = [proc.returncode for proc in background]
+    result["background_builds"] = wait_all(background, deadline)
     problems = [f"RWKV-{v}: {r}" for v, r in result["cuda_unavailable_reason"].items() if r is not None]
-    problems += [f"the background build of head size {n} exited {code}"
+    problems += [f"the background build of head size {n} " + (code if isinstance(code, str) else f"exited {code}")
                  for n, code in zip((32, 128), result["background_builds"]) if code]
     result["status"] = "failed: " + "; ".join(problems) if problems else "ok"
     return result
@@ -243,13 +274,14 @@ def step_command(step: str, args, cap: float) -> list[str]:
     py = sys.executable
     bench = [py, "bench/bench_gpu.py", "--json", str(args.out / "bench_gpu.json")]
     if step == "build":
-        return [py, "bench/gpu_check.py", "--child", "build", "--out", str(args.out)]
+        return [py, "bench/gpu_check.py", "--child", "build", "--cap", f"{cap:.0f}", "--out", str(args.out)]
     if step == "tests":
         return [py, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", "tests/test_wkv_cuda.py",
                 "tests/test_wkv_self_test.py"]
-    if step == "kernels":
+    if step in ("kernels", "fla"):
+        ops = "cuda,torch" if step == "kernels" else "torch,fla"
         return [*bench, "--skip-train", "--kernel-shape", "8,4096,16", "--kernel-versions", "7,6",
-                "--kernel-ops", "cuda,torch,fla", "--repeats", "10"]
+                "--kernel-ops", ops, "--repeats", "10"]
     if step == "train":
         # bench_gpu.py starts no new row after --time-budget; the margin lets a started 1.5B row end
         budget = max(10, int(cap) - 45)
@@ -324,7 +356,7 @@ def goals(kernel_rows: list[dict], train_rows: list[dict]) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.child == "build":
-        result = build_child()
+        result = build_child(args.cap)
         print(RESULT_TAG + json.dumps(result), flush=True)
         return 0 if result["status"].startswith(("ok", "skipped")) else 1
     if args.dry_run:

@@ -20,9 +20,12 @@
 //     du[i]  += r_t[i] k_t[i] vdy
 //     dL/dS_{t-1} = diag(d_t) G + r_t dy_t^T               (y_t reads S_{t-1})
 //
-// Thread i computes the key-indexed gradients from row i of S_{t-1} and of G; thread j
-// computes dv_j from column j of G. G is kept both as a row and as a column per thread;
-// both update elementwise, so no value crosses threads within a chunk.
+// The backward block has 2N threads in two roles. Row thread i (threads 0..N-1) computes
+// the key-indexed gradients from row i of S_{t-1} and of G; column thread j (threads
+// N..2N-1) computes dv_j from column j of G. G is kept twice, as a row in a row thread and
+// as a column in a column thread; both update elementwise, so no value crosses threads
+// within a chunk. Two roles keep a thread's arrays at 2N floats instead of 3N (fewer
+// spills at head size 128).
 //
 // S_{t-1} is needed in reverse time order: each chunk is replayed forward from its
 // checkpoint (row layout, exactly the forward's arithmetic), each S_{t-1} row written to
@@ -98,14 +101,16 @@ wkv6_forward_kernel(const int T, const int H, const F* __restrict__ r_, const fl
 }
 
 template <typename F, int N>
-__global__ void __launch_bounds__(N)
+__global__ void __launch_bounds__(2 * N)
 wkv6_backward_kernel(const int T, const int H, const F* __restrict__ r_, const float* __restrict__ w_,
                      const F* __restrict__ k_, const F* __restrict__ v_, const float* __restrict__ u_,
                      const F* __restrict__ dy_, const float* __restrict__ ckpt_, const float* __restrict__ dsT_,
                      float* __restrict__ scratch_, F* __restrict__ dr_, float* __restrict__ dw_,
                      F* __restrict__ dk_, F* __restrict__ dv_, float* __restrict__ du_part_,
                      float* __restrict__ ds0_) {
-    const int bh = blockIdx.x, bb = bh / H, hh = bh % H, n = threadIdx.x;
+    const int bh = blockIdx.x, bb = bh / H, hh = bh % H;
+    const bool row_role = threadIdx.x < N;
+    const int n = row_role ? threadIdx.x : threadIdx.x - N;  // key index i, or value index j
     const int n_chunks = (T + CHUNK - 1) / CHUNK;
 
     WKV_SHARED_FLOATS(smem);
@@ -115,95 +120,110 @@ wkv6_backward_kernel(const int T, const int H, const F* __restrict__ r_, const f
     float(*k)[N] = nw + CHUNK;
     float(*v)[N] = k + CHUNK;
     float(*dy)[N] = v + CHUNK;
-    float(*ruk)[N] = dy + CHUNK;  // r * u * k (summed by every thread)
-    const float un = u_[hh * N + n];
-
-    // This block's S_{t-1} rows of the current chunk: [CHUNK][N j][N i]; thread i writes
-    // and reads element [s][j][i] (coalesced, and only ever its own).
-    float* hist = scratch_ + static_cast<int64_t>(bh) * CHUNK * N * N;
-
-    float srow[N];  // S_{t-1}[n, :]
-    float grow[N];  // G[n, :]
-    float gcol[N];  // G[:, n]
+    float(*ruk)[N] = dy + CHUNK;  // r * u * k (summed by every column thread)
     const int64_t mat = static_cast<int64_t>(bh) * N * N;
+
+    if (row_role) {
+        const float un = u_[hh * N + n];
+        // This block's S_{t-1} rows of the current chunk: [CHUNK][N j][N i]; thread i writes
+        // and reads element [s][j][i] (coalesced, and only ever its own).
+        float* hist = scratch_ + static_cast<int64_t>(bh) * CHUNK * N * N;
+        float srow[N];  // S_{t-1}[n, :]
+        float grow[N];  // G[n, :]
 #pragma unroll
-    for (int j = 0; j < N; ++j) {
-        grow[j] = dsT_ ? dsT_[mat + n * N + j] : 0.f;
-        gcol[j] = dsT_ ? dsT_[mat + j * N + n] : 0.f;
+        for (int j = 0; j < N; ++j) grow[j] = dsT_ ? dsT_[mat + n * N + j] : 0.f;
+        float du = 0.f;
+
+        for (int c = n_chunks - 1; c >= 0; --c) {
+            const int t0 = c * CHUNK, len = min(CHUNK, T - t0);
+            __syncthreads();  // every thread is done with the previous chunk's vectors
+            for (int s = 0; s < len; ++s) {
+                const int64_t idx = token_index<N>(bb, t0 + s, hh, T, H, n);
+                const float ew = expf(w_[idx]), rn = to_float(r_[idx]), kn = to_float(k_[idx]);
+                r[s][n] = rn;
+                d[s][n] = expf(-ew);
+                nw[s][n] = -ew;
+                k[s][n] = kn;
+                v[s][n] = to_float(v_[idx]);
+                dy[s][n] = to_float(dy_[idx]);
+                ruk[s][n] = rn * (un * kn);
+            }
+            __syncthreads();  // the chunk's vectors are staged
+
+            // Replay the chunk from its checkpoint: row n of S_{t-1} for every step.
+            const float4* ck = reinterpret_cast<const float4*>(
+                ckpt_ + ((static_cast<int64_t>(bh) * n_chunks + c) * N + n) * N);
+#pragma unroll
+            for (int j = 0; j < N / 4; ++j) {
+                const float4 q = ck[j];
+                srow[4 * j] = q.x, srow[4 * j + 1] = q.y, srow[4 * j + 2] = q.z, srow[4 * j + 3] = q.w;
+            }
+            for (int s = 0; s < len; ++s) {
+                float* h = hist + s * N * N;
+                const float dn = d[s][n], kn = k[s][n];
+#pragma unroll
+                for (int j = 0; j < N; ++j) {
+                    h[j * N + n] = srow[j];
+                    srow[j] = srow[j] * dn + kn * v[s][j];
+                }
+            }
+
+            // Walk the chunk back.
+            for (int s = len - 1; s >= 0; --s) {
+                const float* h = hist + s * N * N;
+#pragma unroll
+                for (int j = 0; j < N; ++j) srow[j] = h[j * N + n];
+                const float rn = r[s][n], dn = d[s][n], kn = k[s][n];
+
+                float vdy = 0.f, dr = 0.f, dk = 0.f, dd = 0.f;
+#pragma unroll
+                for (int j = 0; j < N; ++j) {  // j: value index
+                    const float vj = v[s][j], dyj = dy[s][j];
+                    vdy += vj * dyj;
+                    dr += srow[j] * dyj;
+                    dk += grow[j] * vj;
+                    dd += grow[j] * srow[j];
+                }
+                du += rn * kn * vdy;
+
+                // G <- dL/dS_{t-1} = diag(d_t) G + r_t dy_t^T (the column threads do the same to their copy).
+#pragma unroll
+                for (int j = 0; j < N; ++j) grow[j] = grow[j] * dn + rn * dy[s][j];
+
+                const int64_t idx = token_index<N>(bb, t0 + s, hh, T, H, n);
+                dr_[idx] = from_float<F>(dr + un * kn * vdy);
+                dk_[idx] = from_float<F>(dk + un * rn * vdy);
+                dw_[idx] = dd * dn * nw[s][n];
+            }
+        }
+        du_part_[static_cast<int64_t>(bh) * N + n] = du;
+    } else {
+        float gcol[N];  // G[:, n]
+#pragma unroll
+        for (int i = 0; i < N; ++i) gcol[i] = dsT_ ? dsT_[mat + i * N + n] : 0.f;
+
+        // The same barriers as the row role, in the same order.
+        for (int c = n_chunks - 1; c >= 0; --c) {
+            const int t0 = c * CHUNK, len = min(CHUNK, T - t0);
+            __syncthreads();
+            __syncthreads();  // the chunk's vectors are staged
+
+            for (int s = len - 1; s >= 0; --s) {
+                const float dyn = dy[s][n];
+                float ruk_sum = 0.f, dv = 0.f;
+#pragma unroll
+                for (int i = 0; i < N; ++i) {  // i: key index
+                    ruk_sum += ruk[s][i];
+                    dv += gcol[i] * k[s][i];
+                }
+#pragma unroll
+                for (int i = 0; i < N; ++i) gcol[i] = gcol[i] * d[s][i] + r[s][i] * dyn;
+                dv_[token_index<N>(bb, t0 + s, hh, T, H, n)] = from_float<F>(dv + ruk_sum * dyn);
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < N; ++i) ds0_[mat + i * N + n] = gcol[i];
     }
-    float du = 0.f;
-
-    for (int c = n_chunks - 1; c >= 0; --c) {
-        const int t0 = c * CHUNK, len = min(CHUNK, T - t0);
-        __syncthreads();
-        for (int s = 0; s < len; ++s) {
-            const int64_t idx = token_index<N>(bb, t0 + s, hh, T, H, n);
-            const float ew = expf(w_[idx]), rn = to_float(r_[idx]), kn = to_float(k_[idx]);
-            r[s][n] = rn;
-            d[s][n] = expf(-ew);
-            nw[s][n] = -ew;
-            k[s][n] = kn;
-            v[s][n] = to_float(v_[idx]);
-            dy[s][n] = to_float(dy_[idx]);
-            ruk[s][n] = rn * (un * kn);
-        }
-        __syncthreads();
-
-        // Replay the chunk from its checkpoint: row n of S_{t-1} for every step.
-        const float4* ck = reinterpret_cast<const float4*>(
-            ckpt_ + ((static_cast<int64_t>(bh) * n_chunks + c) * N + n) * N);
-#pragma unroll
-        for (int j = 0; j < N / 4; ++j) {
-            const float4 q = ck[j];
-            srow[4 * j] = q.x, srow[4 * j + 1] = q.y, srow[4 * j + 2] = q.z, srow[4 * j + 3] = q.w;
-        }
-        for (int s = 0; s < len; ++s) {
-            float* h = hist + s * N * N;
-            const float dn = d[s][n], kn = k[s][n];
-#pragma unroll
-            for (int j = 0; j < N; ++j) {
-                h[j * N + n] = srow[j];
-                srow[j] = srow[j] * dn + kn * v[s][j];
-            }
-        }
-
-        // Walk the chunk back.
-        for (int s = len - 1; s >= 0; --s) {
-            const float* h = hist + s * N * N;
-#pragma unroll
-            for (int j = 0; j < N; ++j) srow[j] = h[j * N + n];
-            const float rn = r[s][n], dn = d[s][n], kn = k[s][n], dyn = dy[s][n];
-
-            float vdy = 0.f, ruk_sum = 0.f, dr = 0.f, dk = 0.f, dd = 0.f, dv = 0.f;
-#pragma unroll
-            for (int j = 0; j < N; ++j) {  // j: value index for rows, key index for the column
-                const float vj = v[s][j], dyj = dy[s][j];
-                vdy += vj * dyj;
-                ruk_sum += ruk[s][j];
-                dr += srow[j] * dyj;
-                dk += grow[j] * vj;
-                dd += grow[j] * srow[j];
-                dv += gcol[j] * k[s][j];
-            }
-            du += rn * kn * vdy;
-
-            // G <- dL/dS_{t-1} = diag(d_t) G + r_t dy_t^T, in both copies.
-#pragma unroll
-            for (int j = 0; j < N; ++j) {
-                grow[j] = grow[j] * dn + rn * dy[s][j];
-                gcol[j] = gcol[j] * d[s][j] + r[s][j] * dyn;
-            }
-
-            const int64_t idx = token_index<N>(bb, t0 + s, hh, T, H, n);
-            dr_[idx] = from_float<F>(dr + un * kn * vdy);
-            dk_[idx] = from_float<F>(dk + un * rn * vdy);
-            dv_[idx] = from_float<F>(dv + ruk_sum * dyn);
-            dw_[idx] = dd * dn * nw[s][n];
-        }
-    }
-#pragma unroll
-    for (int i = 0; i < N; ++i) ds0_[mat + i * N + n] = gcol[i];
-    du_part_[static_cast<int64_t>(bh) * N + n] = du;
 }
 
 template <typename F>
@@ -221,7 +241,7 @@ const char* backward(int B, int T, int H, const void* r, const float* w, const v
                      void* dr, float* dw, void* dk, void* dv, float* du_part, float* ds0, void* stream) {
     constexpr int N = _N_;
     const size_t smem = 7 * CHUNK * N * sizeof(float);
-    return launch(wkv6_backward_kernel<F, N>, B * H, N, smem, stream, T, H, static_cast<const F*>(r), w,
+    return launch(wkv6_backward_kernel<F, N>, B * H, 2 * N, smem, stream, T, H, static_cast<const F*>(r), w,
                   static_cast<const F*>(k), static_cast<const F*>(v), u, static_cast<const F*>(dy), ckpt, dsT,
                   scratch, static_cast<F*>(dr), dw, static_cast<F*>(dk), static_cast<F*>(dv), du_part, ds0);
 }

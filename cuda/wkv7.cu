@@ -23,10 +23,15 @@
 //     da_t[j] = sum_i dsa[i] S_{t-1}[i,j]
 //     dL/dS_{t-1} = M diag(d_t) + dsa a_t^T
 //
-// Thread j computes the key-indexed gradients (dr, dd, db, dk, da) from column j of S_{t-1}
-// and of M; thread i computes the value-indexed ones (dv, dsa) from row i of M. M is kept
-// twice, as a row and as a column per thread, and both copies are updated elementwise;
-// only dsa crosses threads (one barrier per step).
+// The backward block has 2N threads in two roles. Column thread j (threads 0..N-1)
+// computes the key-indexed gradients (dr, dd, db, dk, da) from column j of S_{t-1} and of
+// M; row thread i (threads N..2N-1) computes the value-indexed ones (dv, dsa) from row i
+// of M. M is kept twice, as a column in a column thread and as a row in a row thread, and
+// both copies are updated elementwise; only dsa crosses threads (one barrier per step).
+// Two roles instead of one thread doing both keep a thread's arrays at 2N floats (the
+// column's S_{t-1} and M) instead of 3N: at N = 64 that fits the 255 registers a thread
+// can have (one thread with three rows spilled 300-400 bytes on sm_75-sm_89), and twice
+// the warps hide more latency.
 //
 // S_{t-1} is needed in reverse time order. The backward walks the chunks from last to
 // first; for each chunk it reloads the checkpoint (the state at the chunk start) and
@@ -120,7 +125,7 @@ wkv7_forward_kernel(const int T, const int H, const F* __restrict__ r_, const fl
 }
 
 template <typename F, int N>
-__global__ void __launch_bounds__(N)
+__global__ void __launch_bounds__(2 * N)
 wkv7_backward_kernel(const int T, const int H, const F* __restrict__ r_, const float* __restrict__ w_,
                      const F* __restrict__ k_, const F* __restrict__ v_, const F* __restrict__ a_,
                      const F* __restrict__ b_, const F* __restrict__ dy_, const float* __restrict__ ckpt_,
@@ -128,7 +133,9 @@ wkv7_backward_kernel(const int T, const int H, const F* __restrict__ r_, const f
                      float* __restrict__ scratch_, F* __restrict__ dr_, float* __restrict__ dw_,
                      F* __restrict__ dk_, F* __restrict__ dv_, F* __restrict__ da_, F* __restrict__ db_,
                      float* __restrict__ ds0_) {
-    const int bh = blockIdx.x, bb = bh / H, hh = bh % H, n = threadIdx.x;
+    const int bh = blockIdx.x, bb = bh / H, hh = bh % H;
+    const bool column_role = threadIdx.x < N;
+    const int n = column_role ? threadIdx.x : threadIdx.x - N;  // key index j, or value index i
     const int n_chunks = (T + CHUNK - 1) / CHUNK;
 
     WKV_SHARED_FLOATS(smem);
@@ -142,113 +149,130 @@ wkv7_backward_kernel(const int T, const int H, const F* __restrict__ r_, const f
     float(*dy)[N] = b + CHUNK;
     float(*sa)[N] = dy + CHUNK;
     float(*dsa)[N] = sa + CHUNK;   // [2][N], double-buffered by step parity
-
-    // This block's S_{t-1} columns of the current chunk: [CHUNK][N i][N j], thread j
-    // writes and reads element [s][i][j] (coalesced, and only ever its own).
-    float* hist = scratch_ + static_cast<int64_t>(bh) * CHUNK * N * N;
-
-    float scol[N];   // S_{t-1}[:, n]
-    float dsrow[N];  // M[n, :]
-    float dscol[N];  // M[:, n]
     const int64_t mat = static_cast<int64_t>(bh) * N * N;
+
+    if (column_role) {
+        // This block's S_{t-1} columns of the current chunk: [CHUNK][N i][N j], thread j
+        // writes and reads element [s][i][j] (coalesced, and only ever its own).
+        float* hist = scratch_ + static_cast<int64_t>(bh) * CHUNK * N * N;
+        float scol[N];   // S_{t-1}[:, n]
+        float dscol[N];  // M[:, n]
 #pragma unroll
-    for (int j = 0; j < N; ++j) {
-        dsrow[j] = dsT_ ? dsT_[mat + n * N + j] : 0.f;
-        dscol[j] = dsT_ ? dsT_[mat + j * N + n] : 0.f;
+        for (int i = 0; i < N; ++i) dscol[i] = dsT_ ? dsT_[mat + i * N + n] : 0.f;
+
+        for (int c = n_chunks - 1; c >= 0; --c) {
+            const int t0 = c * CHUNK, len = min(CHUNK, T - t0);
+            __syncthreads();  // every thread is done with the previous chunk's vectors
+            for (int s = 0; s < len; ++s) {  // this role stages r, d, nw, k, v; the other the rest
+                const int64_t idx = token_index<N>(bb, t0 + s, hh, T, H, n);
+                const float ew = expf(w_[idx]);
+                r[s][n] = to_float(r_[idx]);
+                d[s][n] = expf(-ew);
+                nw[s][n] = -ew;
+                k[s][n] = to_float(k_[idx]);
+                v[s][n] = to_float(v_[idx]);
+            }
+            __syncthreads();
+
+            // Replay the chunk from its checkpoint: column n of S_{t-1} for every step.
+            const float* ck = ckpt_ + (static_cast<int64_t>(bh) * n_chunks + c) * N * N;
+#pragma unroll
+            for (int i = 0; i < N; ++i) scol[i] = ck[i * N + n];
+            for (int s = 0; s < len; ++s) {
+                float* h = hist + s * N * N;
+                const float dn = d[s][n], bn = b[s][n], kn = k[s][n];
+#pragma unroll
+                for (int i = 0; i < N; ++i) {
+                    h[i * N + n] = scol[i];
+                    scol[i] = scol[i] * dn + (sa[s][i] * bn + v[s][i] * kn);
+                }
+            }
+
+            // Walk the chunk back.
+            for (int s = len - 1; s >= 0; --s) {
+                const float* h = hist + s * N * N;
+#pragma unroll
+                for (int i = 0; i < N; ++i) scol[i] = h[i * N + n];
+                const float rn = r[s][n], dn = d[s][n], kn = k[s][n], an = a[s][n], bn = b[s][n];
+
+                // M += dy_t r_t^T (the row threads do the same to their copy).
+#pragma unroll
+                for (int i = 0; i < N; ++i) dscol[i] += dy[s][i] * rn;
+
+                // Column reductions over i (six independent chains).
+                float sdy = 0.f, sady = 0.f, vdy = 0.f, dd = 0.f, db = 0.f, dk = 0.f;
+#pragma unroll
+                for (int i = 0; i < N; ++i) {
+                    const float dyi = dy[s][i], sai = sa[s][i], vi = v[s][i];
+                    sdy += scol[i] * dyi;
+                    sady += sai * dyi;
+                    vdy += vi * dyi;
+                    dd += dscol[i] * scol[i];
+                    db += dscol[i] * sai;
+                    dk += dscol[i] * vi;
+                }
+                __syncthreads();  // dsa complete (the other buffer is free for the next step)
+
+                // da, and M <- dL/dS_{t-1} = M diag(d_t) + dsa a_t^T.
+                float da = 0.f;
+#pragma unroll
+                for (int i = 0; i < N; ++i) {
+                    const float q = dsa[s & 1][i];
+                    da += q * scol[i];
+                    dscol[i] = dscol[i] * dn + q * an;
+                }
+
+                // dr_t[n] = sum_i S_t[i,n] dy_t[i], with S_t[:,n] = S_{t-1}[:,n] d_n + sa b_n + v k_n.
+                const int64_t idx = token_index<N>(bb, t0 + s, hh, T, H, n);
+                dr_[idx] = from_float<F>(dn * sdy + bn * sady + kn * vdy);
+                dw_[idx] = dd * dn * nw[s][n];
+                dk_[idx] = from_float<F>(dk);
+                da_[idx] = from_float<F>(da);
+                db_[idx] = from_float<F>(db);
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < N; ++i) ds0_[mat + i * N + n] = dscol[i];
+    } else {
+        float dsrow[N];  // M[n, :]
+#pragma unroll
+        for (int j = 0; j < N; ++j) dsrow[j] = dsT_ ? dsT_[mat + n * N + j] : 0.f;
+
+        // The same barriers as the column role, in the same order.
+        for (int c = n_chunks - 1; c >= 0; --c) {
+            const int t0 = c * CHUNK, len = min(CHUNK, T - t0);
+            __syncthreads();
+            for (int s = 0; s < len; ++s) {
+                const int64_t idx = token_index<N>(bb, t0 + s, hh, T, H, n);
+                a[s][n] = to_float(a_[idx]);
+                b[s][n] = to_float(b_[idx]);
+                dy[s][n] = to_float(dy_[idx]);
+                sa[s][n] = sa_[idx];
+            }
+            __syncthreads();
+
+            for (int s = len - 1; s >= 0; --s) {
+                const float dyn = dy[s][n];
+#pragma unroll
+                for (int j = 0; j < N; ++j) dsrow[j] += dyn * r[s][j];
+
+                // Row reductions over j.
+                float dvacc[2] = {0.f, 0.f}, dsacc[2] = {0.f, 0.f};
+#pragma unroll
+                for (int j = 0; j < N; ++j) {
+                    dvacc[j & 1] += dsrow[j] * k[s][j];
+                    dsacc[j & 1] += dsrow[j] * b[s][j];
+                }
+                const float dsan = dsacc[0] + dsacc[1];
+                dsa[s & 1][n] = dsan;
+                __syncthreads();  // dsa complete (the other buffer is free for the next step)
+
+#pragma unroll
+                for (int j = 0; j < N; ++j) dsrow[j] = dsrow[j] * d[s][j] + dsan * a[s][j];
+                dv_[token_index<N>(bb, t0 + s, hh, T, H, n)] = from_float<F>(dvacc[0] + dvacc[1]);
+            }
+        }
     }
-
-    for (int c = n_chunks - 1; c >= 0; --c) {
-        const int t0 = c * CHUNK, len = min(CHUNK, T - t0);
-        __syncthreads();
-        for (int s = 0; s < len; ++s) {
-            const int64_t idx = token_index<N>(bb, t0 + s, hh, T, H, n);
-            const float ew = expf(w_[idx]);
-            r[s][n] = to_float(r_[idx]);
-            d[s][n] = expf(-ew);
-            nw[s][n] = -ew;
-            k[s][n] = to_float(k_[idx]);
-            v[s][n] = to_float(v_[idx]);
-            a[s][n] = to_float(a_[idx]);
-            b[s][n] = to_float(b_[idx]);
-            dy[s][n] = to_float(dy_[idx]);
-            sa[s][n] = sa_[idx];
-        }
-        __syncthreads();
-
-        // Replay the chunk from its checkpoint: column n of S_{t-1} for every step.
-        const float* ck = ckpt_ + (static_cast<int64_t>(bh) * n_chunks + c) * N * N;
-#pragma unroll
-        for (int i = 0; i < N; ++i) scol[i] = ck[i * N + n];
-        for (int s = 0; s < len; ++s) {
-            float* h = hist + s * N * N;
-            const float dn = d[s][n], bn = b[s][n], kn = k[s][n];
-#pragma unroll
-            for (int i = 0; i < N; ++i) {
-                h[i * N + n] = scol[i];
-                scol[i] = scol[i] * dn + (sa[s][i] * bn + v[s][i] * kn);
-            }
-        }
-
-        // Walk the chunk back.
-        for (int s = len - 1; s >= 0; --s) {
-            const float* h = hist + s * N * N;
-#pragma unroll
-            for (int i = 0; i < N; ++i) scol[i] = h[i * N + n];
-            const float rn = r[s][n], dn = d[s][n], kn = k[s][n], an = a[s][n], bn = b[s][n];
-            const float dyn = dy[s][n];
-
-            // M += dy_t r_t^T, in both copies.
-#pragma unroll
-            for (int j = 0; j < N; ++j) dsrow[j] += dyn * r[s][j];
-#pragma unroll
-            for (int i = 0; i < N; ++i) dscol[i] += dy[s][i] * rn;
-
-            // Column reductions over i (six independent chains).
-            float sdy = 0.f, sady = 0.f, vdy = 0.f, dd = 0.f, db = 0.f, dk = 0.f;
-#pragma unroll
-            for (int i = 0; i < N; ++i) {
-                const float dyi = dy[s][i], sai = sa[s][i], vi = v[s][i];
-                sdy += scol[i] * dyi;
-                sady += sai * dyi;
-                vdy += vi * dyi;
-                dd += dscol[i] * scol[i];
-                db += dscol[i] * sai;
-                dk += dscol[i] * vi;
-            }
-            // Row reductions over j.
-            float dvacc[2] = {0.f, 0.f}, dsacc[2] = {0.f, 0.f};
-#pragma unroll
-            for (int j = 0; j < N; ++j) {
-                dvacc[j & 1] += dsrow[j] * k[s][j];
-                dsacc[j & 1] += dsrow[j] * b[s][j];
-            }
-            const float dsan = dsacc[0] + dsacc[1];
-            dsa[s & 1][n] = dsan;
-            __syncthreads();  // dsa complete (the other buffer is free for the next step)
-
-            // da, and M <- dL/dS_{t-1} = M diag(d_t) + dsa a_t^T.
-            float da = 0.f;
-#pragma unroll
-            for (int i = 0; i < N; ++i) {
-                const float q = dsa[s & 1][i];
-                da += q * scol[i];
-                dscol[i] = dscol[i] * dn + q * an;
-            }
-#pragma unroll
-            for (int j = 0; j < N; ++j) dsrow[j] = dsrow[j] * d[s][j] + dsan * a[s][j];
-
-            // dr_t[n] = sum_i S_t[i,n] dy_t[i], with S_t[:,n] = S_{t-1}[:,n] d_n + sa b_n + v k_n.
-            const int64_t idx = token_index<N>(bb, t0 + s, hh, T, H, n);
-            dr_[idx] = from_float<F>(dn * sdy + bn * sady + kn * vdy);
-            dw_[idx] = dd * dn * nw[s][n];
-            dk_[idx] = from_float<F>(dk);
-            dv_[idx] = from_float<F>(dvacc[0] + dvacc[1]);
-            da_[idx] = from_float<F>(da);
-            db_[idx] = from_float<F>(db);
-        }
-    }
-#pragma unroll
-    for (int i = 0; i < N; ++i) ds0_[mat + i * N + n] = dscol[i];
 }
 
 template <typename F>
@@ -269,7 +293,7 @@ const char* backward(int B, int T, int H, const void* r, const float* w, const v
                      void* db, float* ds0, void* stream) {
     constexpr int N = _N_;
     const size_t smem = (9 * CHUNK + 2) * N * sizeof(float);
-    return launch(wkv7_backward_kernel<F, N>, B * H, N, smem, stream, T, H, static_cast<const F*>(r), w,
+    return launch(wkv7_backward_kernel<F, N>, B * H, 2 * N, smem, stream, T, H, static_cast<const F*>(r), w,
                   static_cast<const F*>(k), static_cast<const F*>(v), static_cast<const F*>(a),
                   static_cast<const F*>(b), static_cast<const F*>(dy), ckpt, sa, dsT, scratch,
                   static_cast<F*>(dr), dw, static_cast<F*>(dk), static_cast<F*>(dv), static_cast<F*>(da),

@@ -12,6 +12,7 @@
 #pragma once
 
 #include <stdint.h>
+#include <stdio.h>
 
 #include "wkv.h"
 
@@ -71,20 +72,47 @@ __device__ __forceinline__ int64_t token_index(int b, int t, int h, int T, int H
     return ((static_cast<int64_t>(b) * T + t) * H + h) * N + n;
 }
 
+// nullptr when a block's `smem` bytes of dynamic shared memory fit `optin`, the device's
+// opt-in limit per block; else one line naming both and the head size. (sm_75, RTX 20xx
+// and T4: 64 KiB, less than the RWKV-7 backward needs at head size 128.)
+inline const char* shared_memory_error(size_t smem, int optin, const char* device) {
+    if (smem <= static_cast<size_t>(optin)) return nullptr;
+    thread_local char message[256];
+    snprintf(message, sizeof message,
+             "head size %d needs %zu B of shared memory per block, more than the %d B that %s allows "
+             "(use --op torch)", _N_, smem, optin, device);
+    return message;
+}
+
 #ifndef WKV_HOST_EMULATION
 // Launches kernel<<<blocks, threads, smem, stream>>>(args...), raising the dynamic shared
 // memory limit first when a configuration needs more than the default 48 KiB.
-// Returns nullptr on success, else CUDA's error string.
+// Returns nullptr on success, else one line saying what failed. A failed launch leaves no
+// error pending for the next, unrelated CUDA call to report.
 template <typename Kernel, typename... Args>
 const char* launch(Kernel kernel, int blocks, int threads, size_t smem, void* stream, Args... args) {
     if (blocks == 0) return nullptr;
     if (smem > 48 * 1024) {
+        int device = 0, optin = 0, major = 0, minor = 0;
+        if (cudaGetDevice(&device) != cudaSuccess ||
+            cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
+            cudaGetLastError();  // clear it; cudaFuncSetAttribute below then says what is wrong
+            optin = static_cast<int>(smem);
+        }
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+        char name[64];
+        snprintf(name, sizeof name, "cuda:%d (sm_%d%d)", device, major, minor);
+        if (const char* error = shared_memory_error(smem, optin, name)) return error;
         cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                              static_cast<int>(smem));
-        if (e != cudaSuccess) return cudaGetErrorString(e);
+        if (e != cudaSuccess) {
+            cudaGetLastError();  // clear it
+            return cudaGetErrorString(e);
+        }
     }
     kernel<<<blocks, threads, smem, static_cast<cudaStream_t>(stream)>>>(args...);
-    cudaError_t e = cudaGetLastError();
+    cudaError_t e = cudaGetLastError();  // also clears a launch error (a sticky fault stays)
     return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
 }
 #endif

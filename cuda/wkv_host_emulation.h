@@ -3,19 +3,27 @@
 // With -DWKV_HOST_EMULATION a host C++20 compiler builds wkv7.cu / wkv6.cu unchanged (as
 // C++, `g++ -x c++`) and runs them on the CPU: every block runs as N std::threads, one per
 // CUDA thread, with a std::barrier for __syncthreads() and a NaN-filled buffer as the
-// dynamic shared memory (a read of a slot nobody wrote shows up as NaN); blocks run one
-// after another. This checks the kernels' indexing, chunking, barriers
-// and arithmetic against the float64 PyTorch reference on machines without a GPU
-// (tests/test_cuda_compile.py); it says nothing about speed, and bf16/fp16 conversions
-// are the round-to-nearest-even ones of the CUDA intrinsics.
+// dynamic shared memory (a read of a slot nobody wrote shows up as NaN); blocks run two at
+// a time, in a shuffled order, as a GPU promises neither an order nor a separation. This
+// checks the kernels' indexing, chunking, barriers and arithmetic against the float64
+// PyTorch reference on machines without a GPU (tests/test_cuda_compile.py, which also runs
+// them under ThreadSanitizer); it says nothing about speed, and bf16/fp16 conversions are
+// the round-to-nearest-even ones of the CUDA intrinsics. The environment variable
+// WKV_EMULATED_SHARED_MEMORY_OPTIN sets the emulated device's opt-in limit of shared
+// memory per block in bytes (default: none), for the tests of that check.
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
+#include <numeric>
+#include <random>
 #include <thread>
 #include <vector>
 
@@ -101,23 +109,37 @@ inline __half __float2half_rn(float f) {
 }
 
 namespace wkv {
-// kernel<<<blocks, threads, smem>>>(args...), emulated: blocks in turn, `threads` threads each.
+inline const char* shared_memory_error(size_t smem, int optin, const char* device);  // wkv_common.cuh
+
+// kernel<<<blocks, threads, smem>>>(args...), emulated: `threads` threads per block, blocks
+// two at a time in a shuffled order, each with its own barrier and shared memory.
 template <typename Kernel, typename... Args>
 const char* launch(Kernel kernel, int blocks, int threads, size_t smem, void* /*stream*/, Args... args) {
-    std::vector<float> shared(smem / sizeof(float) + 1);
-    for (int blk = 0; blk < blocks; ++blk) {
-        std::fill(shared.begin(), shared.end(), std::numeric_limits<float>::quiet_NaN());
-        std::barrier<> barrier(threads);
+    if (const char* optin = std::getenv("WKV_EMULATED_SHARED_MEMORY_OPTIN"))
+        if (const char* error = shared_memory_error(smem, std::atoi(optin), "the emulated device")) return error;
+    constexpr int kConcurrent = 2;
+    static std::atomic<unsigned> launches{0};
+    std::vector<int> order(blocks);
+    std::iota(order.begin(), order.end(), 0);
+    std::shuffle(order.begin(), order.end(), std::mt19937(launches++));
+    for (int first = 0; first < blocks; first += kConcurrent) {
+        const int n = std::min(kConcurrent, blocks - first);
+        std::vector<std::vector<float>> shared(
+            n, std::vector<float>(smem / sizeof(float) + 1, std::numeric_limits<float>::quiet_NaN()));
+        std::vector<std::unique_ptr<std::barrier<>>> barriers;
+        for (int i = 0; i < n; ++i) barriers.push_back(std::make_unique<std::barrier<>>(threads));
         std::vector<std::thread> pool;
-        pool.reserve(threads);
-        for (int t = 0; t < threads; ++t) {
-            pool.emplace_back([&, t] {
-                wkv_emu::thread_index.x = t;
-                wkv_emu::block_index.x = blk;
-                wkv_emu::block_barrier = &barrier;
-                wkv_emu::block_shared = shared.data();
-                kernel(args...);
-            });
+        pool.reserve(n * threads);
+        for (int i = 0; i < n; ++i) {
+            for (int t = 0; t < threads; ++t) {
+                pool.emplace_back([&, i, t] {
+                    wkv_emu::thread_index.x = t;
+                    wkv_emu::block_index.x = order[first + i];
+                    wkv_emu::block_barrier = barriers[i].get();
+                    wkv_emu::block_shared = shared[i].data();
+                    kernel(args...);
+                });
+            }
         }
         for (auto& th : pool) th.join();
     }

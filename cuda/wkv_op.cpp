@@ -7,8 +7,9 @@
 // The caller passes the CUDA stream to launch on (torch.cuda.current_stream(device)
 // .cuda_stream, a cudaStream_t as an integer; 0 is the legacy default stream), and only
 // device-generic c10 headers are used, no c10/cuda ones: this file then compiles against
-// any torch build, a CPU-only one included, which is how tests/test_cuda_compile.py checks
-// it on machines without a GPU.
+// any torch build, a CPU-only one included. tests/test_cuda_compile.py builds it so, with
+// -DWKV_HOST_EMULATION and the kernels compiled for the CPU behind it
+// (cuda/wkv_host_emulation.h), and runs its tests through these very bindings.
 
 #include <c10/core/DeviceGuard.h>
 #include <torch/extension.h>
@@ -27,6 +28,11 @@ namespace {
 
 using torch::Tensor;
 constexpr int64_t kChunk = wkv::CHUNK;
+#ifdef WKV_HOST_EMULATION
+constexpr bool kOnCuda = false;  // tests: the kernels run on the CPU and take CPU tensors
+#else
+constexpr bool kOnCuda = true;
+#endif
 
 int dtype_code(const Tensor& x) {
     switch (x.scalar_type()) {
@@ -40,7 +46,7 @@ int dtype_code(const Tensor& x) {
 }
 
 void check_cuda(const Tensor& x, const Tensor& ref, const char* name) {
-    TORCH_CHECK(x.is_cuda(), "wkv: ", name, " must be a CUDA tensor");
+    TORCH_CHECK(x.is_cuda() == kOnCuda, "wkv: ", name, " must be a CUDA tensor");
     TORCH_CHECK(x.device() == ref.device(), "wkv: ", name, " is on ", x.device(), ", expected ", ref.device());
     TORCH_CHECK(x.is_contiguous(), "wkv: ", name, " must be contiguous");
 }
@@ -69,7 +75,7 @@ const float* state_ptr(const std::optional<Tensor>& s, const Tensor& r, const ch
 }
 
 void check_r(const Tensor& r) {
-    TORCH_CHECK(r.is_cuda(), "wkv: inputs must be CUDA tensors");
+    TORCH_CHECK(r.is_cuda() == kOnCuda, "wkv: inputs must be CUDA tensors");
     TORCH_CHECK(r.dim() == 4, "wkv: inputs must be [B, T, H, N], got ", r.sizes());
     TORCH_CHECK(r.size(3) == _N_, "wkv: head size ", r.size(3), " but this build is compiled for ", _N_);
     TORCH_CHECK(r.size(1) > 0, "wkv: T must be positive");

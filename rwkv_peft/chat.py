@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 from .assets import DEMO_BASE
-from .cli import add_foreign_adapter_flags, run_command
+from .cli import add_foreign_adapter_flags, add_op_flag, run_command
+from .model import wkv_dispatch
 
 
 def parse_args(argv=None, prog=None):
@@ -48,6 +49,7 @@ def parse_args(argv=None, prog=None):
     g.add_argument("--max_tokens", type=int, default=200, help="longest reply in tokens (default 200)")
     g.add_argument("--seed", type=int, help="random seed, for replies that repeat (default: random)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    add_op_flag(p)
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
                    help="compute dtype (default: fp32 on CPU, bf16 on GPU)")
     p.add_argument("--threads", type=int, help="CPU threads (default: 1 for models under 20M parameters, "
@@ -137,6 +139,7 @@ def stats_line(result) -> str:
 
 
 def run(args) -> int:
+    wkv_dispatch.set_op(args.op)
     chat = _start_chat(args)
     if args.prompt:
         _answer(chat, args.prompt)

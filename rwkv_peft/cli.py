@@ -52,3 +52,10 @@ def add_foreign_adapter_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pissa_init", metavar="FILE",
                         help="an RWKV-PEFT PiSSA .pth adapter: the init_pissa.pth its run wrote (merged = "
                              "W + B A - B0 A0)")
+
+
+def add_op_flag(parser: argparse.ArgumentParser) -> None:
+    """--op of the inference commands (train.py declares its own in its options)."""
+    parser.add_argument("--op", choices=("auto", "cuda", "torch"), default="auto",
+                        help="WKV on a GPU: auto (the CUDA kernel when it builds and passes its self-test, else "
+                             "PyTorch with one warning line), cuda (the kernel or an error), torch (default: auto)")

@@ -29,9 +29,10 @@ from pathlib import Path
 import torch
 
 from .assets import DEMO_HELDOUT
-from .cli import HelpFormatter, add_foreign_adapter_flags, run_command
+from .cli import HelpFormatter, add_foreign_adapter_flags, add_op_flag, run_command
 from .errors import RWKVPeftError
 from .io import atomic_write
+from .model import wkv_dispatch
 from .scoring import heldout_loss, read_records, task_items, task_score
 
 
@@ -52,6 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--show", type=int, default=0, help="print this many replies per model")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_op_flag(p)
     p.add_argument("--threads", type=int, help="CPU threads (default: 1 for models under 20M parameters)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
@@ -142,6 +144,7 @@ def main(argv=None) -> int:
 
 def _command(argv) -> None:
     args = parse_args(argv)
+    wkv_dispatch.set_op(args.op)
     results = evaluate(args)
     print_table(results, args.show)
     if args.json:

@@ -14,11 +14,12 @@ import sys
 import torch
 
 from .assets import DEMO_BASE
-from .cli import run_command
+from .cli import add_op_flag, run_command
 from .data.tokenizer import tokenizer_for
 from .errors import RWKVPeftError
 from .generate import Sampling, generate_text
 from .model import load_model
+from .model import wkv_dispatch
 
 
 def parse_args(argv=None):
@@ -32,6 +33,7 @@ def parse_args(argv=None):
                                                        "as demo/chat.py chooses)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="compute dtype (default fp32)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_op_flag(p)
     args = p.parse_args(argv)
     if args.tokens <= 0:
         p.error("--tokens must be positive")
@@ -44,6 +46,7 @@ def main(argv=None) -> int:
 
 def _command(argv) -> None:
     args = parse_args(argv)
+    wkv_dispatch.set_op(args.op)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     model = load_model(args.model, dtype=dtype, device=args.device)
     tokenizer = tokenizer_for(model.config.vocab_size, args.tokenizer)

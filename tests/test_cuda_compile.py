@@ -2,22 +2,26 @@
 
 1. nvcc: every cuda/*.cu compiles to an object for sm_80 and sm_90, as the extension build
    compiles it (skipped without nvcc), so syntax and template errors show in CI.
-2. The torch bindings cuda/wkv_op.cpp pass a C++ syntax check against the installed
-   torch headers (a CPU build of torch is enough: the file uses no CUDA headers).
-3. Host emulation: the same kernel sources, compiled by the host C++ compiler with
+2. Host emulation: the same kernel sources, compiled by the host C++ compiler with
    -DWKV_HOST_EMULATION (cuda/wkv_host_emulation.h: one std::thread per CUDA thread, a
-   std::barrier for __syncthreads), run on the CPU: outputs, final states and every
-   gradient against autograd through the float64 sequential reference of
-   rwkv_peft.model.wkv, and the autograd wrappers of rwkv_peft.model.wkv_cuda on top.
+   std::barrier for __syncthreads, blocks two at a time in a shuffled order), behind the
+   real torch bindings cuda/wkv_op.cpp built against the installed (CPU) torch with the
+   same definition, which only lets them take CPU tensors: outputs, final states and
+   every gradient against autograd through the float64 sequential reference of
+   rwkv_peft.model.wkv, with the autograd wrappers of rwkv_peft.model.wkv_cuda on top.
+   Outputs and workspaces that torch allocates start as NaN (deterministic mode fills
+   uninitialized memory), so a read of a slot nobody wrote shows.
 
-All compiles start at once in the background. The file costs about 65 s of CPU time
-(nvcc about half of it, the bindings check a third), i.e. about 35 s on two idle cores;
-without nvcc (CI) about 35 s of CPU.
+All compiles start at once in the background. The file costs about 110 s of CPU time
+(nvcc a third of it, the bindings, two head sizes, a third), i.e. about 60 s on two idle
+cores. tests/test_cuda_checks.py has the ThreadSanitizer runs and the per-architecture
+resources (slow).
 """
 
 from __future__ import annotations
 
-import ctypes
+import importlib.machinery
+import importlib.util
 import os
 import re
 import shutil
@@ -95,6 +99,34 @@ EMU_HEAD_SIZES = (16, 64)  # 16 keeps the emulated runs fast; 64 is the size the
 EMU_FLAGS = ["-std=c++20", "-O2", "-fPIC", "-pthread", "-Wall", "-Wno-unknown-pragmas", "-DWKV_HOST_EMULATION"]
 
 
+def bindings_command(cxx: str, head_size: int, out: Path) -> list[str]:
+    """Compile cuda/wkv_op.cpp against the installed torch for the host emulation."""
+    from torch.utils import cpp_extension
+
+    includes = [*cpp_extension.include_paths(), sysconfig.get_paths()["include"], str(CUDA_DIR)]
+    return [cxx, *EMU_FLAGS, "-O1", f"-D_N_={head_size}", f"-DTORCH_EXTENSION_NAME=wkv_emulated_n{head_size}",
+            "-DTORCH_API_INCLUDE_EXTENSION_H", *(f"-I{p}" for p in includes), "-c", str(CUDA_DIR / "wkv_op.cpp"),
+            "-o", str(out)]
+
+
+def link_extension(cxx: str, objects: list[Path], head_size: int, out_dir: Path):
+    """Link the emulated kernels and the bindings into a Python extension module and import it."""
+    from torch.utils import cpp_extension
+
+    path = out_dir / f"wkv_emulated_n{head_size}{sysconfig.get_config_var('EXT_SUFFIX')}"
+    libs = cpp_extension.library_paths()
+    link = subprocess.run([cxx, "-shared", "-pthread", *map(str, objects), *(f"-L{p}" for p in libs),
+                           *(f"-Wl,-rpath,{p}" for p in libs), "-lc10", "-ltorch", "-ltorch_cpu", "-ltorch_python",
+                           "-o", str(path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _assert_ok({"link": link})
+    name = f"wkv_emulated_n{head_size}"
+    spec = importlib.util.spec_from_file_location(name, path, loader=importlib.machinery.ExtensionFileLoader(
+        name, str(path)))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="module")
 def builds(tmp_path_factory):
     b = Builds(tmp_path_factory.mktemp("wkv_builds"))
@@ -102,20 +134,11 @@ def builds(tmp_path_factory):
     if nvcc is not None:  # 1. each .cu to an object for sm_80 and sm_90, the extension's flags, head size 64
         b.start("nvcc", {cu.name: [nvcc, "-c", *_extension_nvcc_flags(), str(cu), "-o", str(b.out / f"{cu.stem}.o")]
                          for cu in CU_FILES})
-    if CXX is not None:
-        from torch.utils import cpp_extension
-
-        # 2. the bindings against the installed torch headers
-        includes = [*cpp_extension.include_paths(), sysconfig.get_paths()["include"], str(CUDA_DIR)]
-        b.start("bindings", {"wkv_op.cpp": [
-            CXX, "-std=c++20", "-fsyntax-only", "-Wall", "-D_N_=64", "-DTORCH_EXTENSION_NAME=wkv_syntax_check",
-            "-DTORCH_API_INCLUDE_EXTENSION_H", *(f"-I{p}" for p in includes), str(CUDA_DIR / "wkv_op.cpp")]})
-        # 3. the kernels for the host emulation, and the C shim that the tests call through ctypes
-        (b.out / "shim.cpp").write_text(SHIM)
+    if CXX is not None:  # 2. the kernels for the host emulation, and the real bindings in front of them
         b.start("emulation", {
-            f"{src.stem}_n{n}": [CXX, *EMU_FLAGS, f"-I{CUDA_DIR}", f"-D_N_={n}", "-x", "c++", "-c", str(src), "-o",
-                                 str(b.out / f"{src.stem}_n{n}.o")]
-            for n in EMU_HEAD_SIZES for src in [*CU_FILES, b.out / "shim.cpp"]})
+            **{f"{cu.stem}_n{n}": [CXX, *EMU_FLAGS, f"-I{CUDA_DIR}", f"-D_N_={n}", "-x", "c++", "-c", str(cu), "-o",
+                                   str(b.out / f"{cu.stem}_n{n}.o")] for n in EMU_HEAD_SIZES for cu in CU_FILES},
+            **{f"wkv_op_n{n}": bindings_command(CXX, n, b.out / f"wkv_op_n{n}.o") for n in EMU_HEAD_SIZES}})
     yield b
     b.kill()
 
@@ -143,113 +166,20 @@ def test_nvcc_compiles_every_kernel(builds):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(CXX is None, reason="no C++ compiler")
-def test_bindings_pass_syntax_check(builds):
-    result = builds.wait("bindings")["wkv_op.cpp"]
-    assert result.returncode == 0, result.stdout[-4000:]
-    # no warnings in our own file either (torch's headers may warn; that is not ours to fix)
-    assert not re.search(r"wkv_op\.cpp:\d+:\d+: warning", result.stdout), result.stdout[-4000:]
+def test_bindings_build_without_warnings(emulated, builds):
+    for n in EMU_HEAD_SIZES:
+        result = builds.wait("emulation")[f"wkv_op_n{n}"]
+        # no warnings in our own file (torch's headers may warn; that is not ours to fix)
+        assert not re.search(r"wkv_op\.cpp:\d+:\d+: warning", result.stdout), result.stdout[-4000:]
 
 
 # ----------------------------------------------------------------------------------------
 # 3. Host emulation
 # ----------------------------------------------------------------------------------------
 
-SHIM = r"""
-#include "wkv.h"
-extern "C" {
-const char* emu_wkv7_forward(int dtype, int B, int T, int H, const void* r, const float* w, const void* k,
-                             const void* v, const void* a, const void* b, const float* s0, void* y, float* sT,
-                             float* ckpt, float* sa) {
-    return wkv7_forward_launch(dtype, B, T, H, r, w, k, v, a, b, s0, y, sT, ckpt, sa, nullptr);
-}
-const char* emu_wkv7_backward(int dtype, int B, int T, int H, const void* r, const float* w, const void* k,
-                              const void* v, const void* a, const void* b, const void* dy, const float* ckpt,
-                              const float* sa, const float* dsT, float* scratch, void* dr, float* dw, void* dk,
-                              void* dv, void* da, void* db, float* ds0) {
-    return wkv7_backward_launch(dtype, B, T, H, r, w, k, v, a, b, dy, ckpt, sa, dsT, scratch, dr, dw, dk, dv,
-                                da, db, ds0, nullptr);
-}
-const char* emu_wkv6_forward(int dtype, int B, int T, int H, const void* r, const float* w, const void* k,
-                             const void* v, const float* u, const float* s0, void* y, float* sT, float* ckpt) {
-    return wkv6_forward_launch(dtype, B, T, H, r, w, k, v, u, s0, y, sT, ckpt, nullptr);
-}
-const char* emu_wkv6_backward(int dtype, int B, int T, int H, const void* r, const float* w, const void* k,
-                              const void* v, const float* u, const void* dy, const float* ckpt,
-                              const float* dsT, float* scratch, void* dr, float* dw, void* dk, void* dv,
-                              float* du_part, float* ds0) {
-    return wkv6_backward_launch(dtype, B, T, H, r, w, k, v, u, dy, ckpt, dsT, scratch, dr, dw, dk, dv,
-                                du_part, ds0, nullptr);
-}
-}
-"""
-
-_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-
-
-class EmulatedExtension:
-    """The compiled module's interface (wkv_op.cpp), served by the host-emulated kernels
-    on CPU tensors. Workspaces start as NaN so that a read of an unwritten slot shows."""
-
-    def __init__(self, path: Path, head_size: int):
-        self.lib = ctypes.CDLL(str(path))
-        self.head_size = head_size
-        for name in ("emu_wkv7_forward", "emu_wkv7_backward", "emu_wkv6_forward", "emu_wkv6_backward"):
-            getattr(self.lib, name).restype = ctypes.c_char_p
-
-    def _call(self, name, x, *tensors):
-        B, T, H, N = x.shape
-        assert N == self.head_size
-        for t in tensors:
-            assert t is None or (t.is_contiguous() and t.device.type == "cpu"), name
-        args = [ctypes.c_int(_DTYPE_CODE[x.dtype]), ctypes.c_int(B), ctypes.c_int(T), ctypes.c_int(H)]
-        args += [ctypes.c_void_p(None if t is None else t.data_ptr()) for t in tensors]
-        err = getattr(self.lib, name)(*args)
-        assert err is None, err
-
-    @staticmethod
-    def _nan(*shape):
-        return torch.full(shape, float("nan"))
-
-    def wkv7_forward(self, r, w, k, v, a, b, s0=None, save_for_backward=False, stream=0):
-        B, T, H, N = r.shape
-        nc = -(-T // wkv_cuda.CHUNK_LEN)
-        y, sT = torch.empty_like(r), self._nan(B, H, N, N)
-        ckpt = self._nan(B, H, nc, N, N) if save_for_backward else torch.empty(0)
-        sa = self._nan(B, T, H, N) if save_for_backward else torch.empty(0)
-        self._call("emu_wkv7_forward", r, r, w, k, v, a, b, s0, y, sT,
-                   ckpt if save_for_backward else None, sa if save_for_backward else None)
-        return [y, sT, ckpt, sa]
-
-    def wkv7_backward(self, r, w, k, v, a, b, dy, ckpt, sa, dsT=None, stream=0):
-        B, T, H, N = r.shape
-        dr, dk, dv, da, db = (torch.empty_like(r) for _ in range(5))
-        dw, ds0 = torch.empty_like(w), self._nan(B, H, N, N)
-        scratch = self._nan(B * H, wkv_cuda.CHUNK_LEN, N, N)
-        self._call("emu_wkv7_backward", r, r, w, k, v, a, b, dy, ckpt, sa, dsT, scratch, dr, dw, dk, dv, da, db,
-                   ds0)
-        return [dr, dw, dk, dv, da, db, ds0]
-
-    def wkv6_forward(self, r, w, k, v, u, s0=None, save_for_backward=False, stream=0):
-        B, T, H, N = r.shape
-        nc = -(-T // wkv_cuda.CHUNK_LEN)
-        y, sT = torch.empty_like(r), self._nan(B, H, N, N)
-        ckpt = self._nan(B, H, nc, N, N) if save_for_backward else torch.empty(0)
-        self._call("emu_wkv6_forward", r, r, w, k, v, u, s0, y, sT, ckpt if save_for_backward else None)
-        return [y, sT, ckpt]
-
-    def wkv6_backward(self, r, w, k, v, u, dy, ckpt, dsT=None, stream=0):
-        B, T, H, N = r.shape
-        dr, dk, dv = (torch.empty_like(r) for _ in range(3))
-        dw, ds0, du_part = torch.empty_like(w), self._nan(B, H, N, N), self._nan(B, H, N)
-        scratch = self._nan(B * H, wkv_cuda.CHUNK_LEN, N, N)
-        self._call("emu_wkv6_backward", r, r, w, k, v, u, dy, ckpt, dsT, scratch, dr, dw, dk, dv, du_part, ds0)
-        return [dr, dw, dk, dv, du_part.sum(0), ds0]
-
-
 @pytest.fixture(scope="module")
 def emulated(builds):
-    """{head size: EmulatedExtension}: the kernels built for the host."""
+    """{head size: the real bindings (cuda/wkv_op.cpp) over the kernels built for the host}."""
     if CXX is None:
         pytest.skip("no C++ compiler")
     if sys.platform != "linux":
@@ -258,15 +188,18 @@ def emulated(builds):
     if any("<barrier>" in r.stdout and r.returncode for r in results.values()):
         pytest.skip("the host C++ compiler lacks C++20 <barrier>")
     _assert_ok(results)
-    exts = {}
-    for n in EMU_HEAD_SIZES:
-        lib = builds.out / f"wkv_emulation_n{n}.so"
-        objs = [str(builds.out / f"{src.stem}_n{n}.o") for src in [*CU_FILES, builds.out / "shim.cpp"]]
-        link = subprocess.run([CXX, "-shared", "-pthread", *objs, "-o", str(lib)], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-        _assert_ok({"link": link})
-        exts[n] = EmulatedExtension(lib, n)
-    return exts
+    return {n: link_extension(CXX, [builds.out / f"{name}_n{n}.o" for name in ("wkv7", "wkv6", "wkv_op")], n,
+                              builds.out) for n in EMU_HEAD_SIZES}
+
+
+@pytest.fixture(autouse=True)
+def nan_filled_allocations():
+    """torch.empty fills with NaN in deterministic mode: outputs and workspaces the bindings
+    allocate show any slot the kernels leave unwritten."""
+    torch.use_deterministic_algorithms(True)
+    assert torch.utils.deterministic.fill_uninitialized_memory
+    yield
+    torch.use_deterministic_algorithms(False)
 
 
 def _inputs7(B, T, H, N, seed):
@@ -461,8 +394,7 @@ def test_self_test_passes_the_emulated_kernels(emulated, monkeypatch, version):
     """The start-up self-test, through the same path as on a GPU (load_extension, then the
     autograd wrappers), accepts the real kernel code (head size 16: emulating 64 threads per
     block takes half a minute)."""
-    monkeypatch.setattr(wkv_cuda, "load_extension", lambda head_size, device: emulated[16])
-    assert wkv_cuda._check_kernel(torch.device("cpu"), 16, version) is None
+    assert wkv_cuda._run_self_test(emulated[16], torch.device("cpu"), 16, version) is None
 
 
 @pytest.mark.slow
@@ -473,8 +405,7 @@ def test_self_test_passes_the_emulated_kernels(emulated, monkeypatch, version):
 ])
 def test_self_test_catches_a_faulty_extension(emulated, monkeypatch, version, binding, index, expected):
     faulty = _FaultyExtension(emulated[16], binding, index)
-    monkeypatch.setattr(wkv_cuda, "load_extension", lambda head_size, device: faulty)
-    reason = wkv_cuda._check_kernel(torch.device("cpu"), 16, version)
+    reason = wkv_cuda._run_self_test(faulty, torch.device("cpu"), 16, version)
     assert reason is not None and "\n" not in reason
     assert reason.startswith(f"RWKV-{version} kernel self-test failed on cpu (float32, head size 16): "), reason
     assert expected in reason.split(" chunked path in ")[1].split(" (worst")[0].split(", "), reason
@@ -486,3 +417,56 @@ def test_cuda_unavailable_reason_is_one_line():
         pytest.skip("this machine has a GPU: tests/test_wkv_cuda.py covers it")
     assert isinstance(reason, str) and reason and "\n" not in reason
     assert wkv_cuda.cuda_unavailable_reason("cpu") is not None
+
+
+@pytest.mark.slow
+def test_bindings_check_their_arguments(emulated):
+    """The real checks of cuda/wkv_op.cpp, which the emulation runs in front of the kernels."""
+    ext = emulated[16]
+    ins, s0, _ = _inputs7(1, 4, 1, 16, seed=2)
+    r, w, k, v, a, b = ins
+    with pytest.raises(RuntimeError, match="head size 64 but this build is compiled for 16"):
+        ext.wkv7_forward(*(torch.zeros(1, 4, 1, 64) for _ in range(6)))
+    with pytest.raises(RuntimeError, match="w must be float32"):
+        ext.wkv7_forward(r, w.double(), k, v, a, b)
+    with pytest.raises(RuntimeError, match=r"k has dtype BFloat16, expected Float \(the dtype of r\)"):
+        ext.wkv7_forward(r, w, k.bfloat16(), v, a, b)
+    with pytest.raises(RuntimeError, match=r"state has shape \[1, 1, 16\], expected \[1, 1, 16, 16\]"):
+        ext.wkv7_forward(r, w, k, v, a, b, s0[..., 0].contiguous())
+    with pytest.raises(RuntimeError, match="ckpt has the wrong shape"):
+        ext.wkv7_backward(r, w, k, v, a, b, r, torch.zeros(1), torch.zeros(1, 4, 1, 16))
+    u = torch.zeros(2, 16)
+    with pytest.raises(RuntimeError, match=r"u has shape \[2, 16\], expected \[H, N\] = \[1, 16\]"):
+        ext.wkv6_forward(r, w, k, v, u)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("version", [7, 6])
+def test_launch_refuses_shared_memory_beyond_the_opt_in_limit(emulated, monkeypatch, version):
+    """The launch helper's check (cuda/wkv_common.cuh) with the emulated device's limit set just
+    below and at each kernel's need: also checks that the kernels ask for exactly the bytes that
+    wkv_cuda.shared_memory_bytes (what the Python side checks before building) says."""
+    ext = emulated[16]
+    need = wkv_cuda.shared_memory_bytes(version, 16)
+    ins, s0, _ = (_inputs7 if version == 7 else _inputs6)(1, 4, 1, 16, seed=4)
+    forward = ext.wkv7_forward if version == 7 else ext.wkv6_forward
+    backward = ext.wkv7_backward if version == 7 else ext.wkv6_backward
+
+    def run_backward():
+        saved = forward(*ins, s0, True)
+        if version == 7:
+            return backward(*ins, ins[0], saved[2], saved[3])
+        return backward(*ins, ins[0], saved[2])
+
+    for kernel, run in (("forward", lambda: forward(*ins, s0)), ("backward", run_backward)):
+        others = max(n for name, n in need.items() if name != kernel)
+        if others >= need[kernel]:  # the other kernel would be refused first
+            continue
+        monkeypatch.setenv("WKV_EMULATED_SHARED_MEMORY_OPTIN", str(need[kernel] - 1))
+        with pytest.raises(RuntimeError) as e:
+            run()
+        assert str(e.value).splitlines()[0].endswith(
+            f"kernel failed: head size 16 needs {need[kernel]} B of shared memory per block, more than the "
+            f"{need[kernel] - 1} B that the emulated device allows (use --op torch)")
+        monkeypatch.setenv("WKV_EMULATED_SHARED_MEMORY_OPTIN", str(need[kernel]))
+        run()

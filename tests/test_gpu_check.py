@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,8 +27,8 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU sessi
 def test_dry_run_prints_every_step_and_runs_nothing(tmp_path, capsys):
     assert gpu_check.main(["--dry-run", "--out", str(tmp_path / "o")]) == 0
     out = capsys.readouterr().out
-    assert "plan: env, build, tests, kernels, train, suite within 460 s" in out
-    assert "--kernel-ops cuda,torch,fla" in out and "--kernel-shape 8,4096,16" in out
+    assert "plan: env, build, tests, kernels, fla, train, suite within 460 s" in out
+    assert "--kernel-ops cuda,torch " in out and "--kernel-shape 8,4096,16" in out
     assert "--rows 0.1B:lora:0,0.1B:bone:0,0.1B:bat:0,0.1B:pissa:0,1.5B:bone:1" in out
     assert "tests/test_wkv_cuda.py" in out
     assert not (tmp_path / "o").exists()
@@ -170,10 +171,10 @@ def test_build_step_on_a_stubbed_gpu(monkeypatch):
     class Build:  # a background build of another head size that succeeded
         returncode = 0
 
-        def __init__(self, cmd, cwd):
+        def __init__(self, cmd, cwd, start_new_session):
             assert "load_extension(" in cmd[-1]
 
-        def wait(self):
+        def wait(self, timeout=None):
             return 0
 
     monkeypatch.setattr(gpu_check.subprocess, "Popen", Build)
@@ -184,3 +185,67 @@ def test_build_step_on_a_stubbed_gpu(monkeypatch):
     assert result["background_builds"] == [0, 0]
     assert result["status"] == "failed: RWKV-6: RWKV-6 kernel self-test failed on cuda:0, stub GPU (...)"
     json.dumps(result)  # goes into gpu_check.json
+
+
+def _stub_gpu(monkeypatch):
+    from rwkv_peft.model import wkv_cuda, wkv_self_test
+
+    for name, value in {"is_available": lambda: True, "current_device": lambda: 0,
+                        "get_device_name": lambda d=None: "stub GPU", "get_device_capability": lambda d=None: (9, 0),
+                        "synchronize": lambda d=None: None}.items():
+        monkeypatch.setattr(torch.cuda, name, value)
+    monkeypatch.setattr(wkv_cuda, "_toolchain_reason", lambda device, head_size: None)
+    monkeypatch.setattr(wkv_cuda, "load_extension", lambda head_size, device=None: object())
+    monkeypatch.setattr(wkv_self_test, "self_test", lambda kernel, version, head_size, device: None)
+    monkeypatch.setattr(wkv_cuda, "cuda_unavailable_reason", lambda device, head_size, version: None)
+
+
+def test_a_background_build_that_hangs_is_cut_at_the_step_deadline(monkeypatch):
+    """Background builds (head sizes 32, 128) that never end, as behind a stale build lock: the
+    build step reports them as timed out before its own cap instead of waiting for ever (and
+    losing its result when the parent kills it at the cap)."""
+    _stub_gpu(monkeypatch)
+    started = []
+    real_popen = gpu_check.subprocess.Popen
+
+    def hanging_build(cmd, cwd, **kwargs):
+        started.append(real_popen(["sleep", "60"], **kwargs))
+        return started[-1]
+
+    monkeypatch.setattr(gpu_check.subprocess, "Popen", hanging_build)
+    t0 = time.monotonic()
+    result = gpu_check.build_child(cap=gpu_check.REPORT_MARGIN + 2)
+    assert time.monotonic() - t0 < 15
+    assert result["background_builds"] == ["timed out", "timed out"]
+    assert result["status"] == ("failed: the background build of head size 32 timed out; "
+                                "the background build of head size 128 timed out")
+    assert all(p.poll() is not None for p in started)  # killed, not left behind
+
+
+def test_fla_core_alone_counts_as_flash_linear_attention(tmp_path, monkeypatch):
+    """fla-core installs the `fla` module that bench_gpu.py imports; the env step must not
+    report flash-linear-attention as missing then."""
+    (tmp_path / "fla").mkdir()
+    (tmp_path / "fla" / "__init__.py").write_text("")
+    dist = tmp_path / "fla_core-0.6.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: fla-core\nVersion: 0.6.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert gpu_check.package_version("flash-linear-attention") is None  # only fla-core is there
+    log = gpu_check.Log(tmp_path / "log")
+    result = gpu_check.env_step(log)
+    log.close()
+    assert result["env"]["fla-core"] == "0.6.0"
+    assert "flash-linear-attention" not in result["status"], result["status"]
+
+
+def test_fla_rows_come_after_both_versions_own_rows(tmp_path):
+    """fla's first call compiles and autotunes Triton kernels for an unknown time: it runs in its
+    own step after the kernels step has timed our kernel and PyTorch path for WKV-7 and WKV-6."""
+    args = gpu_check.parse_args(["--out", str(tmp_path)])
+    steps = list(gpu_check.STEPS)
+    assert steps.index("kernels") < steps.index("fla")
+    kernels, fla = (gpu_check.step_command(s, args, 60) for s in ("kernels", "fla"))
+    assert kernels[kernels.index("--kernel-versions") + 1] == "7,6"
+    assert kernels[kernels.index("--kernel-ops") + 1] == "cuda,torch"
+    assert fla[fla.index("--kernel-ops") + 1] == "torch,fla"  # torch: the reference it is compared with

@@ -298,6 +298,8 @@ def test_a_wrong_kernel_is_caught_once_and_the_model_falls_back(monkeypatch, cap
     self_test = wkv_cuda.self_test
     monkeypatch.setattr(wkv_cuda, "self_test", counted_self_test)
     monkeypatch.setattr(wkv_cuda, "load_extension", lambda head_size, device=None: Faulty())
+    # in this process, where the planted fault is (the child would load the real extension)
+    monkeypatch.setattr(wkv_cuda, "_self_test_in_child", wkv_cuda._run_self_test)
     monkeypatch.setattr(wkv_cuda, "_reasons", {})
     wkv_dispatch._warn_fallback.cache_clear()
     model = _model(7, torch.float32).eval()

@@ -4,11 +4,19 @@ fallback decision around it (rwkv_peft/model/wkv_cuda.py, wkv_dispatch.py), on t
 Stand-ins for the kernel: the per-token loops of rwkv_peft.model.wkv (an implementation
 independent of the chunked form the self-test compares with) must pass; kernels with one
 planted fault each (built on the fast chunked form: the fault is what is tested) must fail
-with one line naming the fault. A failing build is injected through load_extension. tests/test_cuda_compile.py runs the self-test on the real
-kernel sources (host emulation); tests/test_wkv_cuda.py on a GPU.
+with one line naming the fault. A failing build is injected through load_extension. The
+self-test's child process is exercised with stand-in children (one killed by a signal, one
+that exits early, one that hangs, one that passes) and with the real child command; the
+shared-memory check with the properties of cards that have too little. tests/test_cuda_compile.py
+runs the self-test on the real kernel sources (host emulation); tests/test_wkv_cuda.py on a GPU.
 """
 
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -177,3 +185,163 @@ def test_op_cuda_stops_with_the_reason(op, capsys):
     with pytest.raises(RWKVPeftError, match="--op cuda: the WKV CUDA kernel cannot be used: .*dw is off"):
         wkv_dispatch._kernel_accepted("RWKV-7 kernel self-test failed on cuda:0 (X): dw is off by 3.0e-01")
     assert capsys.readouterr().err == ""
+
+
+# ----------------------------------------------------------------------------------------
+# The self-test runs in a child process (a crash there must not take the caller down)
+# ----------------------------------------------------------------------------------------
+
+
+def _built(folder):
+    """What load_extension returns, as far as the self-test's caller looks at it: a module file
+    in its build folder."""
+    return SimpleNamespace(__file__=str(folder / "ext.so"))
+
+
+def _child(body: str):
+    """A stand-in for the self-test child: `body` runs first, then the real child code."""
+    code = ("import json, os, signal, sys\nfrom rwkv_peft.model import wkv_cuda\n" + body +
+            "\nwkv_cuda._self_test_child(json.loads(sys.argv[1]))\n")
+    return lambda spec: [sys.executable, "-c", code, json.dumps(spec)]
+
+
+# every binding kills its process, as a kernel that makes an illegal memory access takes its
+# CUDA context and, at the next CUDA call, the process down
+CRASHING = """
+class Crashing:
+    def __getattr__(self, name):
+        return lambda *args: os.kill(os.getpid(), signal.SIGSEGV)
+
+wkv_cuda.load_extension = lambda head_size, device: Crashing()
+"""
+
+
+@pytest.fixture
+def built(tmp_path, monkeypatch):
+    monkeypatch.setattr(wkv_cuda, "load_extension", lambda head_size, device: _built(tmp_path))
+    return tmp_path
+
+
+def test_a_kernel_that_kills_its_process_is_a_one_line_fallback(built, monkeypatch, op, capsys):
+    """Before the fix the self-test ran in the calling process, which this kernel kills."""
+    monkeypatch.setattr(wkv_cuda, "_child_command", _child(CRASHING))
+    reason = wkv_cuda._check_kernel(torch.device("cpu"), 16, 7)
+    assert reason == "RWKV-7 kernel self-test on cpu crashed (killed by SIGSEGV)"
+    assert torch.ones(3).sum().item() == 3  # this process goes on
+    op("auto")
+    assert wkv_dispatch._kernel_accepted(reason) is False
+    assert capsys.readouterr().err.startswith(f"warning: WKV CUDA kernel not used: {reason}. Going on with")
+    assert list(built.iterdir()) == []  # a failure is not recorded: checked again next run
+
+
+@pytest.mark.slow  # a child process: starting Python and torch takes seconds
+def test_a_child_that_exits_early_is_reported_with_its_last_line(built, monkeypatch):
+    monkeypatch.setattr(wkv_cuda, "_child_command", _child(
+        "print('RuntimeError: CUDA error: an illegal memory access was encountered', file=sys.stderr)\n"
+        "sys.stderr.flush()\nos._exit(3)"))
+    assert wkv_cuda._check_kernel(torch.device("cpu"), 16, 6) == (
+        "RWKV-6 kernel self-test on cpu crashed (exit code 3: RuntimeError: CUDA error: an illegal memory access "
+        "was encountered)")
+
+
+@pytest.mark.slow  # a child process: starting Python and torch takes seconds
+def test_a_hung_child_is_given_up(built, monkeypatch):
+    monkeypatch.setattr(wkv_cuda, "SELF_TEST_TIMEOUT_S", 1)
+    monkeypatch.setattr(wkv_cuda, "_child_command", _child("import time\ntime.sleep(60)"))
+    assert wkv_cuda._check_kernel(torch.device("cpu"), 16, 7) == (
+        "RWKV-7 kernel self-test on cpu did not finish in 1 s (a hung kernel?)")
+
+
+@pytest.mark.slow  # a child process: starting Python and torch takes seconds
+def test_a_pass_is_recorded_beside_the_build_and_not_run_again(built, monkeypatch):
+    monkeypatch.setattr(wkv_cuda, "_child_command", _child(
+        "wkv_cuda.load_extension = lambda *args: None\nwkv_cuda._run_self_test = lambda *args: None"))
+    assert wkv_cuda._check_kernel(torch.device("cpu"), 16, 7) is None
+    assert [p.name for p in built.iterdir()] == ["self-test-passed-v7-cpu"]
+
+    def no_child(*args, **kwargs):
+        raise AssertionError("the child ran again")
+
+    monkeypatch.setattr(subprocess, "run", no_child)
+    assert wkv_cuda._check_kernel(torch.device("cpu"), 16, 7) is None
+
+
+@pytest.mark.slow  # a child process: starting Python and torch takes seconds
+def test_a_wrong_kernel_in_the_child_is_reported_as_its_self_test_says(built, monkeypatch):
+    """The child's own verdict (here: the real self-test on a planted wrong kernel) comes back as is."""
+    monkeypatch.setattr(wkv_cuda, "_child_command", _child(
+        "wkv_cuda.load_extension = lambda *args: None\n"
+        "from rwkv_peft.model.wkv import wkv7_chunked\nfrom rwkv_peft.model.wkv_self_test import self_test\n"
+        "wrong = lambda *x: (wkv7_chunked(*x)[0] * 1.1, wkv7_chunked(*x)[1])\n"
+        "wkv_cuda._run_self_test = lambda ext, device, n, v: self_test(wrong, v, n, device)"))
+    reason = wkv_cuda._check_kernel(torch.device("cpu"), 16, 7)
+    assert reason.startswith("RWKV-7 kernel self-test failed on cpu (float32, head size 16): differs from the "
+                             "PyTorch chunked path in y (no grad), y"), reason
+
+
+@pytest.mark.slow  # a child process: starting Python and torch takes seconds
+def test_the_real_child_reports_on_a_machine_without_a_gpu(tmp_path):
+    """The child command as shipped, end to end: it cannot load a CUDA build here, and says so."""
+    reason = wkv_cuda._self_test_in_child(_built(tmp_path), torch.device("cpu"), 16, 7)
+    assert reason is not None and "\n" not in reason
+    assert reason.startswith("RWKV-7 kernel self-test could not run on cpu: "), reason
+
+
+# ----------------------------------------------------------------------------------------
+# Shared memory: the opt-in limit per block, checked before building or launching
+# ----------------------------------------------------------------------------------------
+
+T4 = SimpleNamespace(name="Tesla T4", major=7, minor=5, shared_memory_per_block_optin=64 * 1024)
+A100 = SimpleNamespace(name="NVIDIA A100-SXM4-80GB", major=8, minor=0, shared_memory_per_block_optin=163 * 1024)
+
+
+def test_shared_memory_needs_of_each_kernel():
+    """The bytes cuda/wkv7.cu and cuda/wkv6.cu ask for (tests/test_cuda_compile.py checks them
+    against the kernels themselves): RWKV-7's backward at head size 128 is the largest."""
+    assert wkv_cuda.shared_memory_bytes(7, 128) == {"forward": 49152, "backward": 74752}
+    assert wkv_cuda.shared_memory_bytes(6, 128) == {"forward": 40960, "backward": 57344}
+    assert wkv_cuda.shared_memory_bytes(7, 64) == {"forward": 24576, "backward": 37376}
+
+
+@pytest.mark.parametrize("props,head_size,version,ok", [
+    (T4, 128, 7, False), (T4, 64, 7, True), (T4, 128, 6, True), (A100, 128, 7, True)])
+def test_shared_memory_beyond_the_opt_in_limit_is_one_line(props, head_size, version, ok):
+    reason = wkv_cuda._shared_memory_reason(props, head_size, version)
+    if ok:
+        assert reason is None
+    else:
+        assert reason == ("the RWKV-7 backward kernel at head size 128 needs 74,752 B of shared memory per block, "
+                          "more than the 65,536 B that Tesla T4 (sm_75) allows")
+
+
+def test_a_card_with_too_little_shared_memory_falls_back_before_any_build(monkeypatch):
+    """Before the fix the build and self-test ran, and the failed opt-in surfaced later as a
+    CUDA error in an unrelated op."""
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: T4)
+    monkeypatch.setattr(wkv_cuda, "_device", lambda device: torch.device("cuda", 5))
+    monkeypatch.setattr(wkv_cuda, "_toolchain_reason", lambda device, head_size: None)
+
+    def no_build(*args):
+        raise AssertionError("built and self-tested a kernel that cannot launch")
+
+    monkeypatch.setattr(wkv_cuda, "_check_kernel", no_build)
+    monkeypatch.setattr(wkv_cuda, "_reasons", {})
+    assert "needs 74,752 B of shared memory" in wkv_cuda.cuda_unavailable_reason("cuda:5", 128, 7)
+
+
+@pytest.mark.parametrize("module", ["chat", "eval", "run"])
+def test_chat_eval_and_run_take_op(module, op, tmp_path, capsys):
+    """--op reaches the dispatch before the model loads (here: a missing file, so nothing runs)."""
+    import importlib
+
+    op("auto")
+    main = importlib.import_module(f"rwkv_peft.{module}").main
+    extra = ["--prompt", "hi"] if module == "chat" else []
+    assert main(["--op", "torch", "--model", str(tmp_path / "missing.pth"), *extra]) != 0
+    assert wkv_dispatch.get_op() == "torch"
+    assert "error:" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--op", "triton"])
+    assert "invalid choice: 'triton'" in capsys.readouterr().err

@@ -20,14 +20,19 @@ is needed. The backward replays each chunk from its checkpoint into a workspace 
 The extension is compiled by ``torch.utils.cpp_extension.load`` (ninja, nvcc) the first
 time it is needed, once per GPU architecture, head size and source hash, into
 ``~/.cache/rwkv_peft/wkv-sm<arch>-n<head size>-<hash>/`` (``$RWKV_PEFT_CACHE`` or
-``$XDG_CACHE_HOME`` move it), so later runs load it in a second. Set
-``RWKV_PEFT_CUDA_VERBOSE=1`` to see the build.
+``$XDG_CACHE_HOME`` move it), so later runs load it in a second. A build prints one line
+when it starts. Builds take ``build.lock`` in that folder, an flock that the OS drops when
+its holder dies; under it, the lock file that torch's build waits on with no timeout can
+only be one that a killed build left, and is removed. Set ``RWKV_PEFT_CUDA_VERBOSE=1`` to
+see the build.
 
 :func:`cuda_unavailable_reason` says, in one line, why the kernels cannot serve tensors on
 a device (or None when they can); callers use it to fall back to the PyTorch forms. Before
 it says None for a device, the kernel has passed a self-test there against the PyTorch
-chunked path (rwkv_peft/model/wkv_self_test.py): a kernel that builds but computes wrong
-results on some GPU is caught at start-up instead of training garbage.
+chunked path (rwkv_peft/model/wkv_self_test.py), run in a child process: a kernel that
+builds but computes wrong results on some GPU, or crashes and takes its CUDA context down
+with it, is caught at start-up and the calling process goes on. A pass is recorded beside
+the build (per GPU model and version), so the child runs once per build and GPU model.
 """
 
 from __future__ import annotations
@@ -35,12 +40,16 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import json
 import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -54,10 +63,21 @@ __all__ = ["HEAD_SIZES", "CHUNK_LEN", "load_extension", "cuda_unavailable_reason
 
 SOURCES = ("wkv_op.cpp", "wkv7.cu", "wkv6.cu")
 # Head sizes with a build (one each, on demand). 64 is every official model's; at 128 the
-# backward kernels keep their 3 x 128 per-thread rows partly in local memory: correct, slow.
+# backward kernels keep their 2 x 128 per-thread rows partly in local memory: correct, slower.
 HEAD_SIZES = (32, 64, 128)
 CHUNK_LEN = 16  # steps between state checkpoints: wkv::CHUNK in cuda/wkv.h
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Dynamic shared memory of each kernel per block, in floats per unit of head size: the smem
+# sizes of the launchers in cuda/wkv7.cu and cuda/wkv6.cu (tests/test_cuda_compile.py checks
+# them against what the kernels ask for, through the host emulation).
+SHARED_FLOATS = {7: {"forward": 6 * CHUNK_LEN, "backward": 9 * CHUNK_LEN + 2},
+                 6: {"forward": 5 * CHUNK_LEN, "backward": 7 * CHUNK_LEN}}
+# Longest a build may hold the build lock before a waiting process gives up (a build takes a
+# minute or two; head size 128 on a busy machine several).
+BUILD_TIMEOUT_S = 30 * 60
+# Longest the self-test child may take: starting Python, torch and CUDA, then milliseconds.
+SELF_TEST_TIMEOUT_S = 300
+_RESULT_TAG = "WKV_SELF_TEST_RESULT "
 
 _lock = threading.RLock()
 _modules: dict[tuple, object] = {}
@@ -139,6 +159,65 @@ def _source_hash(*extra: str) -> str:
     return h.hexdigest()
 
 
+def _build_name(cc: int, head_size: int) -> tuple[str, Path, list[str], list[str]]:
+    """(module name, build folder, C++ flags, nvcc flags) of the build for sm_cc."""
+    nvcc = _nvcc()
+    if nvcc is None:
+        raise RuntimeError("nvcc not found (install the CUDA toolkit or set CUDA_HOME)")
+    release, supported = _nvcc_info(nvcc)
+    cxx, cuda = _build_flags(cc, head_size, supported)
+    digest = _source_hash(*cxx, *cuda, str(release))[:16]
+    root = _cache_root()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        root = Path(tempfile.gettempdir()) / f"rwkv_peft-{os.getuid()}"
+    return f"rwkv_peft_wkv_sm{cc}_n{head_size}_{digest[:8]}", root / f"wkv-sm{cc}-n{head_size}-{digest}", cxx, cuda
+
+
+@contextlib.contextmanager
+def _build_lock(build_dir: Path, what: str):
+    """Hold build_dir's build lock, waiting up to BUILD_TIMEOUT_S for another process's build.
+
+    The lock is an flock on build.lock, which the OS releases when its holder exits or is
+    killed. torch's cpp_extension.load guards the build with a plain lock file that it waits
+    on for ever; every build here runs under this lock, so a torch lock file found while
+    holding it was left by a build that was killed, and is removed."""
+    import fcntl  # POSIX only, as the extension build is
+
+    path = build_dir / "build.lock"
+    with open(path, "a+") as f:
+        start, told = time.monotonic(), False
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "?"
+                waited = time.monotonic() - start
+                if waited > BUILD_TIMEOUT_S:
+                    raise RuntimeError(f"gave up after {waited:.0f} s waiting for process {holder} to build "
+                                       f"{what} (lock {path}); stop that process and run again") from None
+                if not told:
+                    print(f"waiting for process {holder}, which is building {what} (lock {path})",
+                          file=sys.stderr, flush=True)
+                    told = True
+                time.sleep(0.5)
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(str(os.getpid()))
+            f.flush()
+            stale = build_dir / "lock"  # torch's (torch.utils.cpp_extension._jit_compile)
+            if stale.exists():
+                stale.unlink()
+                print(f"removed {stale}, left by a build that was interrupted", file=sys.stderr, flush=True)
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def load_extension(head_size: int = 64, device=None, verbose: bool | None = None):
     """The compiled kernel module for head_size on device's GPU architecture (built on first
     use, then cached on disk and in this process). Raises on any failure; see
@@ -154,31 +233,24 @@ def load_extension(head_size: int = 64, device=None, verbose: bool | None = None
             return _modules[key]
         from torch.utils import cpp_extension
 
-        nvcc = _nvcc()
-        if nvcc is None:
-            raise RuntimeError("nvcc not found (install the CUDA toolkit or set CUDA_HOME)")
-        release, supported = _nvcc_info(nvcc)
-        cxx, cuda = _build_flags(cc, head_size, supported)
-        digest = _source_hash(*cxx, *cuda, str(release))[:16]
-        root = _cache_root()
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-        except OSError:
-            root = Path(tempfile.gettempdir()) / f"rwkv_peft-{os.getuid()}"
-        build_dir = root / f"wkv-sm{cc}-n{head_size}-{digest}"
+        name, build_dir, cxx, cuda = _build_name(cc, head_size)
         build_dir.mkdir(parents=True, exist_ok=True)
         if verbose is None:
             verbose = os.environ.get("RWKV_PEFT_CUDA_VERBOSE", "") not in ("", "0")
-        module = cpp_extension.load(
-            name=f"rwkv_peft_wkv_sm{cc}_n{head_size}_{digest[:8]}",
-            sources=[str(CUDA_DIR / s) for s in SOURCES],
-            extra_cflags=cxx,
-            extra_cuda_cflags=cuda,
-            extra_include_paths=[str(CUDA_DIR)],
-            build_directory=str(build_dir),
-            with_cuda=True,
-            verbose=verbose,
-        )
+        what = f"the WKV kernel for sm_{cc}, head size {head_size}"
+        with _build_lock(build_dir, what):
+            if not (build_dir / f"{name}.so").exists():
+                print(f"building {what}: about a minute, once (into {build_dir})", file=sys.stderr, flush=True)
+            module = cpp_extension.load(
+                name=name,
+                sources=[str(CUDA_DIR / s) for s in SOURCES],
+                extra_cflags=cxx,
+                extra_cuda_cflags=cuda,
+                extra_include_paths=[str(CUDA_DIR)],
+                build_directory=str(build_dir),
+                with_cuda=True,
+                verbose=verbose,
+            )
         _modules[key] = module
         return module
 
@@ -195,9 +267,10 @@ def _first_error_line(exc: BaseException) -> str:
 def cuda_unavailable_reason(device=None, head_size: int = 64, version: int = 7) -> str | None:
     """None when the RWKV-``version`` CUDA kernel can serve tensors on device (default: the
     current CUDA device) with this head size; otherwise one line naming the cause and what to
-    do. The first call per (device, head size, version) builds the extension (a minute or two,
-    then seconds from the disk cache) and runs its self-test (rwkv_peft.model.wkv_self_test);
-    the answer is kept for the rest of the process."""
+    do. The first call per (device, head size, version) checks the card's shared memory,
+    builds the extension (a minute or two, then seconds from the disk cache) and runs its
+    self-test (rwkv_peft.model.wkv_self_test) in a child process, unless a pass is recorded
+    beside the build; the answer is kept for the rest of the process."""
     if torch.version.cuda is None:
         build = "ROCm" if getattr(torch.version, "hip", None) else "CPU-only"
         return f"torch {torch.__version__} is a {build} build without CUDA"
@@ -209,8 +282,30 @@ def cuda_unavailable_reason(device=None, head_size: int = 64, version: int = 7) 
     key = (device.index, head_size, version)
     with _lock:
         if key not in _reasons:
-            _reasons[key] = _toolchain_reason(device, head_size) or _check_kernel(device, head_size, version)
+            _reasons[key] = (_toolchain_reason(device, head_size)
+                             or _shared_memory_reason(torch.cuda.get_device_properties(device), head_size, version)
+                             or _check_kernel(device, head_size, version))
         return _reasons[key]
+
+
+def shared_memory_bytes(version: int, head_size: int) -> dict[str, int]:
+    """Dynamic shared memory per block of the version's kernels at head_size, by kernel name."""
+    return {name: floats * head_size * 4 for name, floats in SHARED_FLOATS[version].items()}
+
+
+def _shared_memory_reason(props, head_size: int, version: int) -> str | None:
+    """Why the kernels cannot launch on a GPU with these properties (torch.cuda.get_device_properties)
+    for lack of shared memory per block, or None. sm_75 (RTX 20xx, T4) allows 64 KiB: too
+    little for the RWKV-7 backward at head size 128."""
+    limit = getattr(props, "shared_memory_per_block_optin", None)
+    if not limit:
+        return None
+    over = {name: need for name, need in shared_memory_bytes(version, head_size).items() if need > limit}
+    if not over:
+        return None
+    kernel = max(over, key=over.get)
+    return (f"the RWKV-{version} {kernel} kernel at head size {head_size} needs {over[kernel]:,} B of shared memory "
+            f"per block, more than the {limit:,} B that {props.name} (sm_{props.major}{props.minor}) allows")
 
 
 def _toolchain_reason(device: torch.device, head_size: int) -> str | None:
@@ -235,12 +330,70 @@ def _toolchain_reason(device: torch.device, head_size: int) -> str | None:
 
 
 def _check_kernel(device: torch.device, head_size: int, version: int) -> str | None:
-    """Build (or load) the extension for device, then self-test the version's kernel on it."""
+    """Build (or load) the extension for device, then self-test the version's kernel on it in
+    a child process (see _self_test_in_child)."""
     try:
         ext = load_extension(head_size, device)
     except Exception as e:  # compiler or linker failure: report its first error line
         return (f"CUDA extension build failed: {_first_error_line(e)} "
                 f"(RWKV_PEFT_CUDA_VERBOSE=1 shows the whole build)")
+    return _self_test_in_child(ext, device, head_size, version)
+
+
+def _where(device: torch.device) -> str:
+    return f"{device}, {torch.cuda.get_device_name(device)}" if device.type == "cuda" else str(device)
+
+
+def _self_test_in_child(ext, device: torch.device, head_size: int, version: int) -> str | None:
+    """The self-test, run in a child process: an illegal memory access leaves the CUDA context
+    unusable for the rest of the process that made it, so a kernel that crashes in this
+    process would take the training down at its next CUDA call instead of falling back. A
+    pass is recorded beside the build (per GPU model), so later runs skip the child; a
+    failure is checked again next time (then the child costs a few seconds)."""
+    model = re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
+    passed = Path(ext.__file__).parent / f"self-test-passed-v{version}-{model.strip('-')}"
+    if passed.exists():
+        return None
+    spec = {"device": device.index if device.type == "cuda" else None, "head_size": head_size, "version": version}
+    what = f"RWKV-{version} kernel self-test on {_where(device)}"
+    package_root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (package_root, os.environ.get("PYTHONPATH"))))}
+    try:
+        child = subprocess.run(_child_command(spec), capture_output=True, text=True, errors="replace", env=env,
+                               timeout=SELF_TEST_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return f"{what} did not finish in {SELF_TEST_TIMEOUT_S} s (a hung kernel?)"
+    results = [line for line in child.stdout.splitlines() if line.startswith(_RESULT_TAG)]
+    if not results:  # the child died before reporting: a crash that would have taken this process down
+        code = child.returncode
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        last = [line.strip() for line in child.stderr.splitlines() if line.strip()][-1:]
+        return f"{what} crashed ({how}{': ' + last[0][:200] if last else ''})"
+    reason = json.loads(results[-1][len(_RESULT_TAG):])["reason"]
+    if reason is None:
+        with contextlib.suppress(OSError):  # a read-only cache only costs the child next time
+            passed.touch()
+    return reason
+
+
+def _child_command(spec: dict) -> list[str]:
+    return [sys.executable, "-c", "import json, sys; from rwkv_peft.model.wkv_cuda import _self_test_child; "
+            "_self_test_child(json.loads(sys.argv[1]))", json.dumps(spec)]
+
+
+def _self_test_child(spec: dict) -> None:
+    """The child's side: load the (built) extension, self-test, print the result line."""
+    head_size, version = spec["head_size"], spec["version"]
+    device = torch.device("cpu") if spec["device"] is None else torch.device("cuda", spec["device"])
+    try:
+        reason = _run_self_test(load_extension(head_size, device), device, head_size, version)
+    except Exception as e:
+        reason = f"RWKV-{version} kernel self-test could not run on {device}: {_first_error_line(e)}"
+    print(_RESULT_TAG + json.dumps({"reason": reason}), flush=True)
+
+
+def _run_self_test(ext, device: torch.device, head_size: int, version: int) -> str | None:
+    """The self-test of the version's kernel in ext, in this process."""
     kernel = functools.partial(_wkv7 if version == 7 else _wkv6, ext)
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         return self_test(kernel, version, head_size, device)

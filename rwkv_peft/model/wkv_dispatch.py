@@ -1,8 +1,8 @@
 """Which WKV implementation runs: the CUDA kernel (`wkv_cuda.py`) or the PyTorch forms (`wkv.py`).
 
 Both forms are imported here and neither imports this module, so the choice lives in one
-place: `set_op` (train.py's `--op`, or a test) sets it for the process, and `wkv7` / `wkv6`
-(what the model blocks call) apply it per call.
+place: `set_op` (`--op` of train, chat, eval and run, or a test) sets it for the process,
+and `wkv7` / `wkv6` (what the model blocks call) apply it per call.
 """
 
 from __future__ import annotations
@@ -80,5 +80,5 @@ def _kernel_accepted(reason: str | None) -> bool:
 def _warn_fallback(reason: str) -> None:
     """One line on stderr, once per distinct reason."""
     print(f"warning: WKV CUDA kernel not used: {reason}. Going on with the PyTorch chunked path "
-          f"(same results, slower). Training: train.py --op torch skips the kernel and this warning; "
-          f"--op cuda stops instead", file=sys.stderr, flush=True)
+          f"(same results, slower). --op torch (train, chat, eval, run) skips the kernel and this "
+          f"warning; --op cuda stops instead", file=sys.stderr, flush=True)
