@@ -1,0 +1,218 @@
+"""A GGUF file for llama.cpp (and Ollama) with the `gguf` package, llama.cpp's own Python writer.
+
+Names, shapes and metadata are those llama.cpp's RWKV-7 loader reads (src/models/rwkv7.cpp):
+the six token-shift mixes r,w,k,v,a,g stacked as time_mix_lerp_fused [6, 1, 1, C], the
+low-rank matrices transposed to [out, in] like every other weight, [1, 1, C] vectors flat.
+Block 0 must carry value-mix tensors although it never uses them: a copy of its a0/a1/a2
+(the shape llama.cpp expects there).
+
+Vocabulary: the World vocabulary as llama.cpp's "rwkv" tokenizer reads it (id 0 a control
+token, every other token as its Python bytes-literal text, unused ids padded); a Hugging Face
+byte-level BPE tokenizer.json as a "gpt2" vocabulary with its merges. llama.cpp has no
+pre-tokenizer equal to the demo's own split rule, so text it tokenizes itself may split
+differently at digits and runs of spaces (bench/README.md measures how often); token ids
+evaluate exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data.tokenizer import HFTokenizer, WorldTokenizer, parse_world_vocab
+from ..errors import RWKVPeftError
+from ..model.config import infer_config
+from .hf import NORM_EPS
+
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
+LERP = ("r", "w", "k", "v", "a", "g")  # the order of time_mix_lerp_fused
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise RWKVPeftError("--format gguf needs the gguf package (llama.cpp's writer): pip install gguf") from None
+    return gguf
+
+
+def gguf_tensors(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model sd (official RWKV-7 keys) as llama.cpp's tensors, fp32, in torch's [out, in] order."""
+    config = infer_config(sd)
+
+    def f(key):
+        return sd[key].float()
+
+    out = {"token_embd.weight": f("emb.weight"), "output.weight": f("head.weight"),
+           "token_embd_norm.weight": f("blocks.0.ln0.weight"), "token_embd_norm.bias": f("blocks.0.ln0.bias"),
+           "output_norm.weight": f("ln_out.weight"), "output_norm.bias": f("ln_out.bias")}
+    for i in range(config.n_layer):
+        b, blk = f"blocks.{i}.", f"blk.{i}."
+        for ours, theirs in (("ln1", "attn_norm"), ("ln2", "attn_norm_2"), ("att.ln_x", "time_mix_ln")):
+            out[blk + theirs + ".weight"], out[blk + theirs + ".bias"] = f(b + ours + ".weight"), f(b + ours + ".bias")
+        out[blk + "time_mix_lerp_fused.weight"] = torch.stack([f(b + "att.x_" + x).reshape(1, 1, -1) for x in LERP])
+        for x in ("w", "a", "v", "g"):
+            src = "a" if x == "v" and i == 0 else x  # block 0's unused value mix: a stand-in of the expected shape
+            if x != "g":
+                out[f"{blk}time_mix_{x}0.weight"] = f(f"{b}att.{src}0").reshape(-1)
+            out[f"{blk}time_mix_{x}1.weight"] = f(f"{b}att.{src}1").T.contiguous()
+            out[f"{blk}time_mix_{x}2.weight"] = f(f"{b}att.{src}2").T.contiguous()
+        for x in ("k_k", "k_a", "r_k"):
+            out[f"{blk}time_mix_{x}.weight"] = f(f"{b}att.{x}").reshape(-1)
+        for ours in ("key", "value", "receptance", "output"):
+            out[f"{blk}time_mix_{ours}.weight"] = f(f"{b}att.{ours}.weight")
+        out[blk + "channel_mix_lerp_k.weight"] = f(b + "ffn.x_k").reshape(-1)
+        out[blk + "channel_mix_key.weight"] = f(b + "ffn.key.weight")
+        out[blk + "channel_mix_value.weight"] = f(b + "ffn.value.weight")
+    return out
+
+
+def official_from_gguf(tensors: dict[str, torch.Tensor], template: dict[str, torch.Tensor]) -> dict:
+    """The inverse of gguf_tensors, into template's keys and shapes (block 0's unused value
+    mix keeps the template's tensor)."""
+    back = {}
+    L = infer_config(template).n_layer
+    names = {"emb.weight": "token_embd.weight", "head.weight": "output.weight",
+             "blocks.0.ln0.weight": "token_embd_norm.weight", "blocks.0.ln0.bias": "token_embd_norm.bias",
+             "ln_out.weight": "output_norm.weight", "ln_out.bias": "output_norm.bias"}
+    for i in range(L):
+        b, blk = f"blocks.{i}.", f"blk.{i}."
+        for ours, theirs in (("ln1", "attn_norm"), ("ln2", "attn_norm_2"), ("att.ln_x", "time_mix_ln")):
+            for s in ("weight", "bias"):
+                names[f"{b}{ours}.{s}"] = f"{blk}{theirs}.{s}"
+        fused = tensors[blk + "time_mix_lerp_fused.weight"]
+        for j, x in enumerate(LERP):
+            back[f"{b}att.x_{x}"] = fused[j]
+        for x in ("w", "a", "v", "g"):
+            if x == "v" and i == 0:
+                continue
+            if x != "g":
+                names[f"{b}att.{x}0"] = f"{blk}time_mix_{x}0.weight"
+            back[f"{b}att.{x}1"] = tensors[f"{blk}time_mix_{x}1.weight"].T
+            back[f"{b}att.{x}2"] = tensors[f"{blk}time_mix_{x}2.weight"].T
+        for x in ("k_k", "k_a", "r_k"):
+            names[f"{b}att.{x}"] = f"{blk}time_mix_{x}.weight"
+        for ours in ("key", "value", "receptance", "output"):
+            names[f"{b}att.{ours}.weight"] = f"{blk}time_mix_{ours}.weight"
+        names[b + "ffn.x_k"] = blk + "channel_mix_lerp_k.weight"
+        names[b + "ffn.key.weight"] = blk + "channel_mix_key.weight"
+        names[b + "ffn.value.weight"] = blk + "channel_mix_value.weight"
+    back |= {ours: tensors[theirs] for ours, theirs in names.items()}
+    return {k: back[k].reshape(ref.shape) if k in back else ref for k, ref in template.items()}
+
+
+def _storage_type(name: str, t: torch.Tensor, gguf_type: str, gguf):
+    """Matrices in the asked type (q8_0 where rows split into its 32-value blocks, else f16);
+    vectors, norms and the stacked mixes stay f32, as llama.cpp's own converter keeps them."""
+    Q = gguf.GGMLQuantizationType
+    if gguf_type == "f32" or t.dim() != 2:
+        return Q.F32
+    if gguf_type == "q8_0":
+        return Q.Q8_0 if t.shape[-1] % 32 == 0 else Q.F16
+    return {"f16": Q.F16, "bf16": Q.BF16}[gguf_type]
+
+
+def _world_vocab(tokenizer: WorldTokenizer, vocab_size: int, gguf):
+    vocab = parse_world_vocab(Path(tokenizer.vocab_file).read_text(encoding="utf-8"), str(tokenizer.vocab_file))
+    T = gguf.TokenType
+    tokens, types = [b"<s>"], [T.CONTROL]  # id 0: end of text, not in the file
+    for i in range(1, vocab_size):
+        if i in vocab:
+            # llama.cpp's rwkv tokenizer un-escapes each token from its bytes-literal text
+            tokens.append(repr(vocab[i])[2:-1].encode("utf-8"))
+            types.append(T.NORMAL)
+        else:
+            tokens.append(f"[PAD{i}]".encode())
+            types.append(T.UNUSED)
+    double_newline = next((i for i, t in vocab.items() if t == b"\n\n"), None)
+    return "rwkv", tokens, types, [], double_newline
+
+
+def _bpe_vocab(tokenizer: HFTokenizer, vocab_size: int, gguf):
+    spec = json.loads(Path(tokenizer.path).read_text(encoding="utf-8"))
+    model = spec.get("model", {})
+    if model.get("type") != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
+        raise RWKVPeftError(f"--format gguf: {tokenizer.path} is not a byte-level BPE tokenizer, which is the only "
+                            "Hugging Face kind this export writes; use --format hf")
+    by_id = {i: t for t, i in model["vocab"].items()}
+    special = {a["id"] for a in spec.get("added_tokens", []) if a.get("special")}
+    by_id |= {a["id"]: a["content"] for a in spec.get("added_tokens", [])}
+    T = gguf.TokenType
+    tokens, types = [], []
+    for i in range(vocab_size):
+        tokens.append(by_id.get(i, f"[PAD{i}]"))
+        types.append(T.CONTROL if i in special else T.NORMAL if i in by_id else T.UNUSED)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    return "gpt2", tokens, types, merges, None
+
+
+def write_gguf(sd: dict[str, torch.Tensor], tokenizer, path: str | os.PathLike, gguf_type: str = "f32") -> None:
+    """Write the model sd (official RWKV-7 keys) as a GGUF file at path."""
+    gguf = _gguf()
+    config = infer_config(sd)
+    writer = gguf.GGUFWriter(str(path), "rwkv7")
+    writer.add_context_length(1048576)  # a recurrent model: no context limit
+    writer.add_embedding_length(config.n_embd)
+    writer.add_block_count(config.n_layer)
+    writer.add_layer_norm_eps(NORM_EPS)
+    writer.add_wkv_head_size(config.head_size)
+    writer.add_decay_lora_rank(config.d_decay)
+    writer.add_iclr_lora_rank(config.d_aaa)
+    writer.add_value_residual_mix_lora_rank(config.d_mv)
+    writer.add_gate_lora_rank(config.d_gate)
+    writer.add_feed_forward_length(config.dim_ffn)
+    writer.add_head_count(0)  # llama.cpp requires the key; RWKV has no attention heads
+    writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                          "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[gguf_type])
+    if isinstance(tokenizer, WorldTokenizer):
+        model, tokens, types, merges, eot = _world_vocab(tokenizer, config.vocab_size, gguf)
+    elif isinstance(tokenizer, HFTokenizer):
+        model, tokens, types, merges, eot = _bpe_vocab(tokenizer, config.vocab_size, gguf)
+        writer.add_tokenizer_pre("gpt2")
+    else:
+        raise RWKVPeftError(f"--format gguf: cannot embed tokenizer {tokenizer!r}")
+    writer.add_tokenizer_model(model)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    if merges:
+        writer.add_token_merges(merges)
+    writer.add_bos_token_id(tokenizer.eos_id)
+    writer.add_eos_token_id(tokenizer.eos_id)
+    writer.add_add_bos_token(False)
+    if eot is not None:  # a chat turn ends at "\n\n"
+        writer.add_eot_token_id(eot)
+        writer.add_chat_template("rwkv-world")  # llama.cpp's built-in template of this name
+    for name, t in gguf_tensors(sd).items():
+        qtype = _storage_type(name, t, gguf_type, gguf)
+        data = t.numpy()
+        if qtype == gguf.GGMLQuantizationType.F16:
+            writer.add_tensor(name, data.astype(np.float16))
+        elif qtype == gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(name, data)
+        else:
+            writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def read_gguf(path: str | os.PathLike, template: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A GGUF file written by write_gguf, read with gguf's reader and dequantized, in template's keys."""
+    gguf = _gguf()
+    reader = gguf.GGUFReader(str(path))
+    tensors = {}
+    for t in reader.tensors:
+        shape = [int(n) for n in reversed(t.shape)]  # the reader lists ggml's ne, innermost first
+        data = gguf.quants.dequantize(t.data, t.tensor_type)
+        tensors[t.name] = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)).reshape(shape)
+    return official_from_gguf(tensors, template)
+
+
+def temp_beside(path: Path) -> Path:
+    return path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
