@@ -14,17 +14,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
-
 from ..data.tokenizer import tokenizer_for
 from ..errors import RWKVPeftError
 from ..io import check_checkpoint_suffix, load_tensor_file, save_checkpoint_file
 from ..model.config import infer_config
-from ..model.load import load_model
-from ..peft.merge import TOLERANCE, check_merge, merge_adapter, merge_files, probe_tokens
+from ..peft.merge import TOLERANCE, check_merge, merge_adapter, merge_files
 from .files import check_new_dir, write_dir_atomic
 from .gguf import GGUF_TYPES, read_gguf, temp_beside, write_gguf
 from .hf import check_exportable, check_hf_dir, read_hf, write_hf
+from .verify import check_logits, check_not_input
 
 FORMATS = ("pth", "safetensors", "hf", "gguf", "peft")
 # relative logit tolerance of a GGUF file read back, by --gguf_type (fp32 compute on its weights)
@@ -60,27 +58,6 @@ def default_output(fmt: str, adapter_path: str | None, base: str) -> str:
     name = {"pth": f"{stem}.pth", "safetensors": f"{stem}.safetensors", "gguf": f"{stem}.gguf",
             "hf": f"{stem}-hf", "peft": "peft-adapter"}[fmt]
     return str(beside.with_name(name))
-
-
-def check_not_input(output: str, inputs: dict[str, str | None]) -> None:
-    for flag, given in inputs.items():
-        if given and Path(output).resolve() == Path(given).resolve():
-            raise RWKVPeftError(f"--output {output} is the same file as {flag}; choose another output path")
-
-
-def check_logits(expected_sd, got_sd, tol: float, what: str) -> str:
-    """Run both state dicts in fp32 on the probe sequence: a report line, or RWKVPeftError beyond tol."""
-    tokens = probe_tokens(expected_sd["emb.weight"].shape[0])
-    with torch.no_grad():
-        expected = load_model(expected_sd, dtype=torch.float32)(tokens)
-        got = load_model(got_sd, dtype=torch.float32)(tokens)
-    diff, scale = (got - expected).abs().max().item(), expected.abs().max().item()
-    rel = diff / max(scale, 1e-12)
-    figures = f"{rel:.2g} of their scale, tolerance {tol:g} (max |difference| {diff:.3g}, max |logit| {scale:.3g})"
-    if not rel <= tol:
-        raise RWKVPeftError(f"verify FAILED: {what} read back does not give the model's logits: {figures}; "
-                            "refusing to write it")
-    return f"verify: OK, {what} read back gives the model's logits to {figures}"
 
 
 def export_files(base: str | None, adapter_path: str | None, output: str | None, fmt: str | None = None, *,
