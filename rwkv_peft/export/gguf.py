@@ -210,7 +210,7 @@ def read_gguf(path: str | os.PathLike, template: dict[str, torch.Tensor]) -> dic
     for t in reader.tensors:
         shape = [int(n) for n in reversed(t.shape)]  # the reader lists ggml's ne, innermost first
         data = gguf.quants.dequantize(t.data, t.tensor_type)
-        tensors[t.name] = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)).reshape(shape)
+        tensors[t.name] = torch.from_numpy(np.array(data, dtype=np.float32)).reshape(shape)
     return official_from_gguf(tensors, template)
 
 

@@ -114,4 +114,5 @@ def export_peft(base: str | None, adapter_path: str, output: str, *, verify: boo
     write_dir_atomic(output, fill)
     log(f"wrote {output}: a peft {config['peft_type']} adapter on {len(adapter.layers)} layers of the Hugging Face "
         "RWKV-7 layout (--format hf writes its base)")
+    log(f"next: peft.PeftModel.from_pretrained(RWKV7ForCausalLM.from_pretrained(BASE_HF_DIR), '{output}')")
     return output

@@ -25,6 +25,11 @@ from .hf import check_exportable, check_hf_dir, read_hf, write_hf
 from .verify import check_logits, check_not_input
 
 FORMATS = ("pth", "safetensors", "hf", "gguf", "peft")
+NEXT = {  # what to run with each export (README: Deploy)
+    "hf": "pip install rwkv7-hf; python -c \"from rwkv7_hf import RWKV7ForCausalLM; "
+          "RWKV7ForCausalLM.from_pretrained('{output}')\"",
+    "gguf": "llama-cli -m {output}   (Ollama: a Modelfile with the line FROM {output})",
+}
 # relative logit tolerance of a GGUF file read back, by --gguf_type (fp32 compute on its weights)
 GGUF_TOLERANCE = {"f32": 1e-4, "f16": 2e-2, "bf16": 5e-2, "q8_0": 5e-2}
 
@@ -116,6 +121,8 @@ def export_files(base: str | None, adapter_path: str | None, output: str | None,
         else:
             _write_gguf_checked(sd, tok, Path(output), gguf_type, verify, log)
     log(f"wrote {output}")
+    if fmt in NEXT:
+        log("next: " + NEXT[fmt].format(output=output))
     return output
 
 
