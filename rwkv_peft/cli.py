@@ -59,10 +59,10 @@ def merge(argv=None, prog: str = "merge.py") -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", help="the base checkpoint, .pth or .safetensors (default: the one the adapter was "
                                   "trained on)")
-    p.add_argument("--adapter", help="adapter file: ours (.safetensors) or RWKV-PEFT's (.pth) "
-                                     "(default: the newest under out/)")
-    p.add_argument("--output", help="merged checkpoint to write, .pth or .safetensors (default: merged.pth beside "
-                                    "the adapter)")
+    p.add_argument("--adapter", help="adapter file: ours (.safetensors) or RWKV-PEFT's (.pth), or a Hugging Face "
+                                     "peft adapter directory (default: the newest under out/)")
+    p.add_argument("--output", help="what to write: .pth, .safetensors, .gguf or a directory (default: merged.pth, "
+                                    "merged.gguf, merged-hf/ or peft-adapter/ beside the adapter)")
     p.add_argument("--no_verify", action="store_true",
                    help="skip running base+adapter and merged on a probe sequence (needs two fp32 copies in RAM)")
     p.add_argument("--state_only", action="store_true",

@@ -115,7 +115,7 @@ def write_tokenizer(tokenizer, directory: Path) -> None:
         _write_json(directory / "tokenizer_config.json", {"tokenizer_class": "RWKV7Tokenizer"})
     elif isinstance(tokenizer, HFTokenizer):
         shutil.copyfile(tokenizer.path, directory / "tokenizer.json")
-        eos = tokenizer._tok.id_to_token(tokenizer.eos_id)
+        eos = tokenizer.decode([tokenizer.eos_id])  # its text, e.g. <|endoftext|>
         _write_json(directory / "tokenizer_config.json",
                     {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "pad_token": eos})
     else:

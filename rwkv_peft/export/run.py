@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..data.tokenizer import tokenizer_for
 from ..errors import RWKVPeftError
-from ..io import check_checkpoint_suffix, load_tensor_file, save_checkpoint_file
+from ..io import check_checkpoint_suffix, check_writable_dir, load_tensor_file, save_checkpoint_file
 from ..model.config import infer_config
 from ..peft.merge import TOLERANCE, check_merge, merge_adapter, merge_files
 from .files import check_new_dir, write_dir_atomic
@@ -98,6 +98,9 @@ def export_files(base: str | None, adapter_path: str | None, output: str | None,
     check_not_input(output, {"--base": base, "--adapter": adapter_path})
     if fmt == "hf":
         check_new_dir(output)
+    else:
+        check_writable_dir(Path(output).parent, lambda d: f"--output {output}: {d} is not a writable directory; "
+                           "choose another output path")
     base_sd = load_tensor_file(base)
     if adapter is None:
         sd = base_sd
@@ -113,6 +116,12 @@ def export_files(base: str | None, adapter_path: str | None, output: str | None,
     if fmt in ("pth", "safetensors"):
         check_checkpoint_suffix(output, "--output")
         save_checkpoint_file(sd, output, "--output")
+        if verify:
+            try:
+                log(check_logits(sd, load_tensor_file(output), TOLERANCE.get(sd["emb.weight"].dtype, 5e-2), output))
+            except RWKVPeftError:
+                Path(output).unlink()
+                raise
     else:
         check_exportable(infer_config(sd), fmt)
         tok = tokenizer_for(sd["emb.weight"].shape[0], tokenizer)
