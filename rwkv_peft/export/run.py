@@ -52,8 +52,8 @@ def resolve_format(fmt: str | None, output: str | None) -> str:
         return suffix[1:]
     if suffix == "" or output.endswith(os.sep) or Path(output).is_dir():
         return "hf"
-    raise RWKVPeftError(f"--output {output}: unknown format '{suffix}'; name it .pth, .safetensors or .gguf, "
-                        "or give a directory (Hugging Face), or pass --format")
+    raise RWKVPeftError(f"--output {output}: unknown checkpoint format '{suffix}'; name it .pth, .safetensors or "
+                        ".gguf, give a directory (Hugging Face), or pass --format")
 
 
 def default_output(fmt: str, adapter_path: str | None, base: str) -> str:
