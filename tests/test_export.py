@@ -130,20 +130,31 @@ def test_hf_generate_equals_our_greedy_generation(rwkv7_hf, hf_exports):
     assert out[len(expected):] in ([], [ours_tok.eos_id])  # generate keeps the end-of-text token it stopped at
 
 
-@pytest.mark.slow
-def test_hf_world_model_tensors_config_and_tokenizer_match_rwkv7_hf(rwkv7_hf, work):
-    """A random World-vocabulary model converted with no adapter: the same logits in rwkv7-hf, the same
-    tensors and config sizes as rwkv7-hf's own converter makes from the .pth, and its tokenizer."""
+def rwkv7_hf_convert(checkpoint: Path, output: Path, precision: str) -> Path:
+    """rwkv7-hf's own converter (its command's options, thin layout: no code copied beside)."""
     import argparse
 
     from rwkv7_hf.converter import convert
-    from safetensors.torch import load_file
 
-    ours = Path(export_files(str(work / "world.pth"), None, str(work / "world-hf"), "hf", **QUIET))
-    theirs = work / "world-rwkv7hf"
-    convert(argparse.Namespace(input=str(work / "world.pth"), output=str(theirs), vocab_file=None, precision="fp32",
+    convert(argparse.Namespace(input=str(checkpoint), output=str(output), vocab_file=None, precision=precision,
                                attn_mode="chunk", adapter_layout="thin", runtime_package_version="0.9.0",
                                fuse_norm=False, max_shard_size="1000GB", low_memory=False))
+    return output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["world", "mixed"])
+def test_hf_export_has_the_tensors_and_config_of_rwkv7_hf_converter(rwkv7_hf, work, hf_exports, which):
+    """The random World model converted with no adapter (fp32), and the demo merged with the mixed
+    setup (bf16): rwkv7-hf's converter, run on the same official .pth, makes the same tensors and sizes."""
+    from safetensors.torch import load_file
+
+    if which == "world":
+        checkpoint, precision = work / "world.pth", "fp32"
+        ours = Path(export_files(str(checkpoint), None, str(work / "world-hf"), "hf", **QUIET))
+    else:
+        (checkpoint, ours), precision = hf_exports["mixed"], "bf16"
+    theirs = rwkv7_hf_convert(checkpoint, work / f"{which}-rwkv7hf", precision)
     a, b = load_file(ours / "model.safetensors"), load_file(theirs / "model.safetensors")
     assert sorted(a) == sorted(b)
     for key in a:
@@ -154,6 +165,12 @@ def test_hf_world_model_tensors_config_and_tokenizer_match_rwkv7_hf(rwkv7_hf, wo
                 "attention_hidden_size", "value_dim", "model_type"):
         assert ca[key] == cb[key], key
 
+
+@pytest.mark.slow
+def test_hf_world_model_logits_and_tokenizer_in_rwkv7_hf(rwkv7_hf, work):
+    ours = work / "world-hf"
+    if not ours.exists():
+        export_files(str(work / "world.pth"), None, str(ours), "hf", **QUIET)
     model = rwkv7_hf.RWKV7ForCausalLM.from_pretrained(ours, dtype=torch.float32).eval()
     x = tokens(65536)
     with torch.no_grad():
