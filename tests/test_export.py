@@ -340,10 +340,11 @@ def test_gguf_world_model_has_llama_cpp_names_shapes_metadata_and_vocab(work, gg
 
 
 def test_gguf_demo_model_embeds_its_bpe_vocabulary(work):
+    pytest.importorskip("gguf")
     path = export_files(str(DEMO_BASE), None, str(work / "demo.gguf"), "gguf", **QUIET)
     _, fields, shapes = read_gguf_file(path)
     spec = json.loads(DEMO_TOKENIZER.read_text())
-    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt2"
+    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "bloom"
     assert fields["tokenizer.ggml.tokens"][:5] == sorted(spec["model"]["vocab"], key=spec["model"]["vocab"].get)[:5]
     assert fields["tokenizer.ggml.merges"][0] == " ".join(spec["model"]["merges"][0])
     assert fields["tokenizer.ggml.eos_token_id"] == 0
@@ -411,6 +412,8 @@ BAD = {  # name -> (args, expected in the one error line)
                              "MiSS's bat mode indexes its blocks by output block"),
     "peft dir on another base": (["--base", "world.pth", "--adapter", "lora-dir", "--output", "m.pth"],
                                  "but base world.pth needs"),
+    "gguf of a word-level tokenizer": (["--base", "base.pth", "--format", "gguf", "--tokenizer", "word.json",
+                                        "--output", "m.gguf"], "is not a byte-level BPE tokenizer"),
     "gguf output named otherwise": (["--adapter", "bat.safetensors", "--format", "gguf", "--output", "m.bin"],
                                     "does not end in .gguf"),
 }
@@ -427,6 +430,9 @@ def bad_outcomes(tmp_path_factory):
     make_adapter(sd, d / "base.pth", d / "mixed.safetensors", *SETUPS["mixed"])
     make_adapter(sd, d / "base.pth", d / "two.safetensors", ("bone", {"r": 32}), "blocks.*.att.key=lora:8")
     make_adapter(sd, d / "base.pth", d / "state.safetensors", None, "", ("state",))
+    from tokenizers import Tokenizer, models
+
+    Tokenizer(models.WordLevel({"<|endoftext|>": 0, "[UNK]": 1, "cat": 2}, unk_token="[UNK]")).save(str(d / "word.json"))
     (d / "full").mkdir()
     (d / "full" / "keep.txt").write_text("mine")
     for name, config, tensors in (

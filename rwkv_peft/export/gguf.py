@@ -8,10 +8,11 @@ Block 0 must carry value-mix tensors although it never uses them: a copy of its 
 
 Vocabulary: the World vocabulary as llama.cpp's "rwkv" tokenizer reads it (id 0 a control
 token, every other token as its Python bytes-literal text, unused ids padded); a Hugging Face
-byte-level BPE tokenizer.json as a "gpt2" vocabulary with its merges. llama.cpp has no
-pre-tokenizer equal to the demo's own split rule, so text it tokenizes itself may split
-differently at digits and runs of spaces (bench/README.md measures how often); token ids
-evaluate exactly.
+byte-level BPE tokenizer.json as a "gpt2" vocabulary with its merges, and the llama.cpp
+pre-tokenizer ("tokenizer.ggml.pre") that splits text as it does: GPT-2's own for GPT-2's rule;
+for the demo's rule, which llama.cpp does not have, "bloom", the one that reproduced the demo's
+ids on every demo chat when all of llama.cpp's were tried (bench/README.md); it still splits
+runs of spaces differently. Any other split rule is refused: use --format hf.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ from ..model.config import infer_config
 from .hf import NORM_EPS
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
+# a tokenizer.json's split rule -> llama.cpp's pre-tokenizer for it (None: GPT-2's ByteLevel regex)
+_PRE = {None: "gpt-2",
+        r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}| ?[^\s\p{L}\p{N}]+|\n+|[^\S\n]+": "bloom"}  # demo/make_base.py
 LERP = ("r", "w", "k", "v", "a", "g")  # the order of time_mix_lerp_fused
 
 
@@ -130,7 +134,7 @@ def _world_vocab(tokenizer: WorldTokenizer, vocab_size: int, gguf):
             tokens.append(f"[PAD{i}]".encode())
             types.append(T.UNUSED)
     double_newline = next((i for i, t in vocab.items() if t == b"\n\n"), None)
-    return "rwkv", tokens, types, [], double_newline
+    return "rwkv", None, tokens, types, [], double_newline
 
 
 def _bpe_vocab(tokenizer: HFTokenizer, vocab_size: int, gguf):
@@ -148,7 +152,23 @@ def _bpe_vocab(tokenizer: HFTokenizer, vocab_size: int, gguf):
         tokens.append(by_id.get(i, f"[PAD{i}]"))
         types.append(T.CONTROL if i in special else T.NORMAL if i in by_id else T.UNUSED)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    return "gpt2", tokens, types, merges, None
+    pre = _PRE.get(_split_rule(spec.get("pre_tokenizer") or {}), "")
+    if not pre:
+        raise RWKVPeftError(f"--format gguf: llama.cpp has no pre-tokenizer known to split text as {tokenizer.path} "
+                            "does; use --format hf")
+    return "gpt2", pre, tokens, types, merges
+
+
+def _split_rule(pre: dict) -> str | None:
+    """The regex of a ByteLevel tokenizer's pre-tokenizer: None for ByteLevel's own (GPT-2's),
+    "" when it is anything else."""
+    if pre.get("type") == "ByteLevel":
+        return None if pre.get("use_regex", True) else ""
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else []
+    if (len(steps) == 2 and steps[0].get("type") == "Split" and steps[0].get("behavior") == "Isolated"
+            and steps[1].get("type") == "ByteLevel" and not steps[1].get("use_regex", True)):
+        return steps[0].get("pattern", {}).get("Regex", "")
+    return ""
 
 
 def write_gguf(sd: dict[str, torch.Tensor], tokenizer, path: str | os.PathLike, gguf_type: str = "f32") -> None:
@@ -170,13 +190,14 @@ def write_gguf(sd: dict[str, torch.Tensor], tokenizer, path: str | os.PathLike, 
     writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                           "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[gguf_type])
     if isinstance(tokenizer, WorldTokenizer):
-        model, tokens, types, merges, eot = _world_vocab(tokenizer, config.vocab_size, gguf)
+        model, pre, tokens, types, merges, eot = _world_vocab(tokenizer, config.vocab_size, gguf)
     elif isinstance(tokenizer, HFTokenizer):
-        model, tokens, types, merges, eot = _bpe_vocab(tokenizer, config.vocab_size, gguf)
-        writer.add_tokenizer_pre("gpt2")
+        (model, pre, tokens, types, merges), eot = _bpe_vocab(tokenizer, config.vocab_size, gguf), None
     else:
         raise RWKVPeftError(f"--format gguf: cannot embed tokenizer {tokenizer!r}")
     writer.add_tokenizer_model(model)
+    if pre:
+        writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     if merges:
