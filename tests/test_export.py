@@ -329,6 +329,7 @@ def test_gguf_world_model_has_llama_cpp_names_shapes_metadata_and_vocab(work, gg
     types = {t.name: t.tensor_type for t in reader.tensors}
     if gguf_type == "q8_0":
         assert types["blk.0.time_mix_key.weight"] == gguf.GGMLQuantizationType.Q8_0
+        assert types["blk.0.time_mix_w1.weight"] == gguf.GGMLQuantizationType.F32  # llama.cpp keeps these f32
     assert types["blk.0.time_mix_lerp_fused.weight"] == gguf.GGMLQuantizationType.F32
     if gguf_type == "f32":  # the values too, back in llama.cpp's layout: lerp r,w,k,v,a,g; low-rank transposed
         t = {t.name: t.data for t in reader.tensors}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 from pathlib import Path
 
@@ -110,11 +111,12 @@ def official_from_gguf(tensors: dict[str, torch.Tensor], template: dict[str, tor
     return {k: back[k].reshape(ref.shape) if k in back else ref for k, ref in template.items()}
 
 
-def _storage_type(t: torch.Tensor, gguf_type: str, gguf):
+def _storage_type(name: str, t: torch.Tensor, gguf_type: str, gguf):
     """Matrices in the asked type (q8_0 where rows split into its 32-value blocks, else f16);
-    vectors, norms and the stacked mixes stay f32, as llama.cpp's own converter keeps them."""
+    vectors, norms, the stacked mixes and the small low-rank matrices (the decay's above all is
+    sensitive) stay f32, as llama.cpp's own converter and quantizer keep them."""
     Q = gguf.GGMLQuantizationType
-    if gguf_type == "f32" or t.dim() != 2:
+    if gguf_type == "f32" or t.dim() != 2 or re.search(r"time_mix_[wavg][12]\.", name):
         return Q.F32
     if gguf_type == "q8_0":
         return Q.Q8_0 if t.shape[-1] % 32 == 0 else Q.F16
@@ -209,7 +211,7 @@ def write_gguf(sd: dict[str, torch.Tensor], tokenizer, path: str | os.PathLike, 
         writer.add_eot_token_id(eot)
         writer.add_chat_template("rwkv-world")  # llama.cpp's built-in template of this name
     for name, t in gguf_tensors(sd).items():
-        qtype = _storage_type(t, gguf_type, gguf)
+        qtype = _storage_type(name, t, gguf_type, gguf)
         data = t.numpy()
         if qtype == gguf.GGMLQuantizationType.F16:
             writer.add_tensor(name, data.astype(np.float16))
