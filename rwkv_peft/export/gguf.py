@@ -124,6 +124,7 @@ def _storage_type(name: str, t: torch.Tensor, gguf_type: str, gguf):
 
 
 def _world_vocab(tokenizer: WorldTokenizer, vocab_size: int, gguf):
+    """(tokenizer model, pre-tokenizer, tokens, token types, merges, end-of-turn id) for the GGUF."""
     vocab = parse_world_vocab(Path(tokenizer.vocab_file).read_text(encoding="utf-8"), str(tokenizer.vocab_file))
     T = gguf.TokenType
     tokens, types = [b"<s>"], [T.CONTROL]  # id 0: end of text, not in the file
@@ -158,7 +159,7 @@ def _bpe_vocab(tokenizer: HFTokenizer, vocab_size: int, gguf):
     if not pre:
         raise RWKVPeftError(f"--format gguf: llama.cpp has no pre-tokenizer known to split text as {tokenizer.path} "
                             "does; use --format hf")
-    return "gpt2", pre, tokens, types, merges
+    return "gpt2", pre, tokens, types, merges, None
 
 
 def _split_rule(pre: dict) -> str | None:
@@ -194,7 +195,7 @@ def write_gguf(sd: dict[str, torch.Tensor], tokenizer, path: str | os.PathLike, 
     if isinstance(tokenizer, WorldTokenizer):
         model, pre, tokens, types, merges, eot = _world_vocab(tokenizer, config.vocab_size, gguf)
     elif isinstance(tokenizer, HFTokenizer):
-        (model, pre, tokens, types, merges), eot = _bpe_vocab(tokenizer, config.vocab_size, gguf), None
+        model, pre, tokens, types, merges, eot = _bpe_vocab(tokenizer, config.vocab_size, gguf)
     else:
         raise RWKVPeftError(f"--format gguf: cannot embed tokenizer {tokenizer!r}")
     writer.add_tokenizer_model(model)
