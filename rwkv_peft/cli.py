@@ -78,7 +78,7 @@ def merge(argv=None, prog: str = "merge.py") -> int:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
     try:
-        converting = args.adapter is None and args.base is not None and args.format is not None
+        converting = not (args.adapter or args.state_only) and args.base is not None and args.format is not None
         adapter = None if converting else args.adapter or newest_adapter("out")
         if args.state_only:
             output = write_state_only(adapter, args.output, args.base)
@@ -93,6 +93,6 @@ def merge(argv=None, prog: str = "merge.py") -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if not args.state_only and output.endswith((".pth", ".safetensors")):  # the others say theirs below
+    if not args.state_only and output.endswith((".pth", ".safetensors")):  # the other exports print their own
         print(f"next: python demo/chat.py --model {output}")
     return 0
