@@ -8,6 +8,7 @@ f32, f16, bf16 and q8_0:
     demo    the embedded demo base merged with a random Bone adapter (its tokenizer.json as a
             "gpt2" BPE vocabulary)
     world   a random RWKV-7 (2 layers, C=256) with the World vocabulary ("rwkv" vocabulary)
+    world6  a random RWKV-6 of the same sizes (llama.cpp's rwkv6 architecture)
 For each file, llama.cpp (through llama-cpp-python) evaluates a 64-token sequence: the largest
 |logit difference| from our fp32 model on the merged checkpoint, relative to our largest |logit|;
 then 32 greedy tokens after a prompt, llama.cpp's against ours (whole-sequence argmax). Finally
@@ -28,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from official_layout import rwkv7_state_dict  # noqa: E402
+from official_layout import rwkv6_state_dict, rwkv7_state_dict  # noqa: E402
 from rwkv_peft import load_model  # noqa: E402
 from rwkv_peft.data.tokenizer import load_tokenizer  # noqa: E402
 from rwkv_peft.export.run import export_files  # noqa: E402
@@ -67,6 +68,11 @@ def world_checkpoint(d: Path) -> tuple[Path, str]:
     return d / "world.pth", "world"
 
 
+def world6_checkpoint(d: Path) -> tuple[Path, str]:
+    torch.save(rwkv6_state_dict(n_layer=2, n_embd=256, head_size=64, vocab=65536, seed=1), d / "world6.pth")
+    return d / "world6.pth", "world"
+
+
 def ours_greedy(model, ids, n):
     out = []
     with torch.no_grad():
@@ -99,7 +105,7 @@ def main():
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        for name, make in (("demo", demo_checkpoint), ("world", world_checkpoint)):
+        for name, make in (("demo", demo_checkpoint), ("world", world_checkpoint), ("world6", world6_checkpoint)):
             checkpoint, tok_spec = make(tmp)
             tok = load_tokenizer(tok_spec)
             model = load_model(checkpoint, dtype=torch.float32)
@@ -122,7 +128,7 @@ def main():
                     agree = sum(llm.tokenize(t.encode(), add_bos=False, special=False) == tok.encode(t) for t in sample)
                     row["tokenization_equal"] = f"{agree}/{len(sample)}"
                 results[f"{name}/{gguf_type}"] = row
-                print(f"{name:5s} {gguf_type:5s} logits rel diff {rel:.2e}  greedy equal for {same}/32 steps"
+                print(f"{name:6s} {gguf_type:5s} logits rel diff {rel:.2e}  greedy equal for {same}/32 steps"
                       + (f"  tokenization equal {row['tokenization_equal']}" if "tokenization_equal" in row else ""),
                       flush=True)
                 del llm

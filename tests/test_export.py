@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from greedy_reference import greedy_tokens
-from official_layout import rwkv7_state_dict
+from official_layout import rwkv6_state_dict, rwkv7_state_dict
 from rwkv_peft import load_model
 from rwkv_peft.data.tokenizer import WorldTokenizer, load_tokenizer
 from rwkv_peft.export.run import export_files
@@ -353,6 +353,46 @@ def test_gguf_demo_model_embeds_its_bpe_vocabulary_and_quantizes_as_llama_cpp(wo
                                       c.d_gate, c.n_head, c.head_size)
 
 
+def llama_cpp_shapes_v6(n_layer, C, V, ffn, d_mix, d_decay, H, N):
+    """Every tensor llama.cpp's RWKV-6 loader (src/models/rwkv6.cpp) creates, with its ggml ne."""
+    s = {"token_embd.weight": (C, V), "token_embd_norm.weight": (C,), "token_embd_norm.bias": (C,),
+         "output_norm.weight": (C,), "output_norm.bias": (C,), "output.weight": (C, V)}
+    for i in range(n_layer):
+        b = f"blk.{i}."
+        s |= {b + "attn_norm.weight": (C,), b + "attn_norm.bias": (C,), b + "attn_norm_2.weight": (C,),
+              b + "attn_norm_2.bias": (C,), b + "time_mix_w1.weight": (C, 5 * d_mix),
+              b + "time_mix_w2.weight": (d_mix, C, 5), b + "time_mix_lerp_x.weight": (C, 1, 1),
+              b + "time_mix_lerp_fused.weight": (C, 1, 1, 5), b + "time_mix_first.weight": (N, H),
+              b + "time_mix_decay.weight": (C,), b + "time_mix_decay_w1.weight": (C, d_decay),
+              b + "time_mix_decay_w2.weight": (d_decay, C), b + "time_mix_key.weight": (C, C),
+              b + "time_mix_value.weight": (C, C), b + "time_mix_receptance.weight": (C, C),
+              b + "time_mix_gate.weight": (C, C), b + "time_mix_ln.weight": (C,), b + "time_mix_ln.bias": (C,),
+              b + "time_mix_output.weight": (C, C), b + "channel_mix_lerp_k.weight": (C, 1, 1),
+              b + "channel_mix_lerp_r.weight": (C, 1, 1), b + "channel_mix_key.weight": (C, ffn),
+              b + "channel_mix_value.weight": (ffn, C), b + "channel_mix_receptance.weight": (C, C)}
+    return s
+
+
+def test_gguf_rwkv6_has_llama_cpp_names_shapes_and_metadata(work):
+    pytest.importorskip("gguf")
+    sd = rwkv6_state_dict(n_layer=2, n_embd=64, head_size=16, vocab=1024, dims=(8, 16), seed=3)
+    torch.save(sd, work / "v6.pth")
+    path = export_files(str(work / "v6.pth"), None, str(work / "v6.gguf"), "gguf", tokenizer=str(DEMO_TOKENIZER),
+                        **QUIET)
+    reader, fields, shapes = read_gguf_file(path)
+    assert fields["general.architecture"] == "rwkv6"
+    for key in ("rwkv6.wkv.head_size", "rwkv6.time_mix_extra_dim", "rwkv6.time_decay_extra_dim",
+                "rwkv6.attention.layer_norm_epsilon", "rwkv6.feed_forward_length", "rwkv6.block_count"):
+        assert key in fields, key
+    assert (fields["rwkv6.time_mix_extra_dim"], fields["rwkv6.time_decay_extra_dim"]) == (8, 16)
+    ffn = sd["blocks.0.ffn.key.weight"].shape[0]
+    assert shapes == llama_cpp_shapes_v6(2, 64, 1024, ffn, 8, 16, 4, 16)
+    t = {t.name: t.data for t in reader.tensors}  # the 5 mixes stacked w,k,v,r,g; w2 as [5, C, D]
+    assert torch.equal(torch.from_numpy(t["blk.1.time_mix_lerp_fused.weight"].copy()).reshape(5, -1)[3],
+                       sd["blocks.1.att.time_maa_r"].reshape(-1))
+    assert torch.equal(torch.from_numpy(t["blk.1.time_mix_w2.weight"].copy()), sd["blocks.1.att.time_maa_w2"].permute(0, 2, 1))
+
+
 # ------------------------------------------------------------------------------------------------
 # the command line: the quickstart's adapter with no other flags, conversion, and bad input
 
@@ -414,6 +454,7 @@ BAD = {  # name -> (args, expected in the one error line)
                                  "but base world.pth needs"),
     "gguf of a word-level tokenizer": (["--base", "base.pth", "--format", "gguf", "--tokenizer", "word.json",
                                         "--output", "m.gguf"], "is not a byte-level BPE tokenizer"),
+    "RWKV-6 as hf": (["--base", "v6.pth", "--format", "hf", "--output", "v6-hf"], "exports RWKV-7 only"),
     "gguf output named otherwise": (["--adapter", "bat.safetensors", "--format", "gguf", "--output", "m.bin"],
                                     "does not end in .gguf"),
 }
@@ -426,6 +467,7 @@ def bad_outcomes(tmp_path_factory):
     sd = load_tensor_file(DEMO_BASE)
     shutil.copy(DEMO_BASE, d / "base.pth")
     torch.save(world_base(), d / "world.pth")
+    torch.save(rwkv6_state_dict(), d / "v6.pth")
     make_adapter(sd, d / "base.pth", d / "bat.safetensors", ("bat", {"r": 32}))
     make_adapter(sd, d / "base.pth", d / "mixed.safetensors", *SETUPS["mixed"])
     make_adapter(sd, d / "base.pth", d / "two.safetensors", ("bone", {"r": 32}), "blocks.*.att.key=lora:8")

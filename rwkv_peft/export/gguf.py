@@ -1,10 +1,11 @@
 """A GGUF file for llama.cpp (and Ollama) with the `gguf` package, llama.cpp's own Python writer.
 
-Names, shapes and metadata are those llama.cpp's RWKV-7 loader reads (src/models/rwkv7.cpp):
-the six token-shift mixes r,w,k,v,a,g stacked as time_mix_lerp_fused [6, 1, 1, C], the
-low-rank matrices transposed to [out, in] like every other weight, [1, 1, C] vectors flat.
-Block 0 must carry value-mix tensors although it never uses them: a copy of its a0/a1/a2
-(the shape llama.cpp expects there).
+Names, shapes and metadata are those llama.cpp's RWKV-7 and RWKV-6 loaders read
+(src/models/rwkv7.cpp, rwkv6.cpp). RWKV-7: the six token-shift mixes r,w,k,v,a,g stacked as
+time_mix_lerp_fused [6, 1, 1, C], the low-rank matrices transposed to [out, in] like every
+other weight, [1, 1, C] vectors flat; block 0 must carry value-mix tensors although it never
+uses them: a copy of its a0/a1/a2 (the shape llama.cpp expects there). RWKV-6: the mixes
+w,k,v,r,g stacked [5, 1, 1, C], time_maa_w2 as [5, C, D].
 
 Vocabulary: the World vocabulary as llama.cpp's "rwkv" tokenizer reads it (id 0 a control
 token, every other token as its Python bytes-literal text, unused ids padded); a Hugging Face
@@ -35,7 +36,8 @@ GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 # a tokenizer.json's split rule -> llama.cpp's pre-tokenizer for it (None: GPT-2's ByteLevel regex)
 _PRE = {None: "gpt-2",
         r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}| ?[^\s\p{L}\p{N}]+|\n+|[^\S\n]+": "bloom"}  # demo/make_base.py
-LERP = ("r", "w", "k", "v", "a", "g")  # the order of time_mix_lerp_fused
+LERP_V7 = ("r", "w", "k", "v", "a", "g")  # the order of time_mix_lerp_fused
+LERP_V6 = ("w", "k", "v", "r", "g")
 
 
 def _gguf():
@@ -46,68 +48,77 @@ def _gguf():
     return gguf
 
 
-def gguf_tensors(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The model sd (official RWKV-7 keys) as llama.cpp's tensors, fp32, in torch's [out, in] order."""
-    config = infer_config(sd)
-
-    def f(key):
-        return sd[key].float()
-
-    out = {"token_embd.weight": f("emb.weight"), "output.weight": f("head.weight"),
-           "token_embd_norm.weight": f("blocks.0.ln0.weight"), "token_embd_norm.bias": f("blocks.0.ln0.bias"),
-           "output_norm.weight": f("ln_out.weight"), "output_norm.bias": f("ln_out.bias")}
+def tensor_plan(config) -> list[tuple[str, tuple[str, ...], str]]:
+    """(llama.cpp tensor, our official keys, how) for every tensor of the GGUF file. how: "same",
+    "T" (transposed), "flat", "perm" (RWKV-6 time_maa_w2: [5, D, C] -> [5, C, D]) or "stack"
+    (several [1, 1, C] mixes stacked as [n, 1, 1, C])."""
+    plan = [("token_embd.weight", ("emb.weight",), "same"), ("output.weight", ("head.weight",), "same")]
+    plan += [(f"token_embd_norm.{s}", (f"blocks.0.ln0.{s}",), "same") for s in ("weight", "bias")]
+    plan += [(f"output_norm.{s}", (f"ln_out.{s}",), "same") for s in ("weight", "bias")]
     for i in range(config.n_layer):
         b, blk = f"blocks.{i}.", f"blk.{i}."
         for ours, theirs in (("ln1", "attn_norm"), ("ln2", "attn_norm_2"), ("att.ln_x", "time_mix_ln")):
-            out[blk + theirs + ".weight"], out[blk + theirs + ".bias"] = f(b + ours + ".weight"), f(b + ours + ".bias")
-        out[blk + "time_mix_lerp_fused.weight"] = torch.stack([f(b + "att.x_" + x).reshape(1, 1, -1) for x in LERP])
-        for x in ("w", "a", "v", "g"):
-            src = "a" if x == "v" and i == 0 else x  # block 0's unused value mix: a stand-in of the expected shape
-            if x != "g":
-                out[f"{blk}time_mix_{x}0.weight"] = f(f"{b}att.{src}0").reshape(-1)
-            out[f"{blk}time_mix_{x}1.weight"] = f(f"{b}att.{src}1").T.contiguous()
-            out[f"{blk}time_mix_{x}2.weight"] = f(f"{b}att.{src}2").T.contiguous()
-        for x in ("k_k", "k_a", "r_k"):
-            out[f"{blk}time_mix_{x}.weight"] = f(f"{b}att.{x}").reshape(-1)
-        for ours in ("key", "value", "receptance", "output"):
-            out[f"{blk}time_mix_{ours}.weight"] = f(f"{b}att.{ours}.weight")
-        out[blk + "channel_mix_lerp_k.weight"] = f(b + "ffn.x_k").reshape(-1)
-        out[blk + "channel_mix_key.weight"] = f(b + "ffn.key.weight")
-        out[blk + "channel_mix_value.weight"] = f(b + "ffn.value.weight")
+            plan += [(f"{blk}{theirs}.{s}", (f"{b}{ours}.{s}",), "same") for s in ("weight", "bias")]
+        linears = ["key", "value", "receptance", "output"] + (["gate"] if config.version == 6 else [])
+        plan += [(f"{blk}time_mix_{x}.weight", (f"{b}att.{x}.weight",), "same") for x in linears]
+        plan += [(f"{blk}channel_mix_{x}.weight", (f"{b}ffn.{x}.weight",), "same")
+                 for x in (("key", "value") if config.version == 7 else ("key", "value", "receptance"))]
+        plan += _block_plan_v7(b, blk, i) if config.version == 7 else _block_plan_v6(b, blk)
+    return plan
+
+
+def _block_plan_v7(b: str, blk: str, i: int) -> list:
+    plan = [(blk + "time_mix_lerp_fused.weight", tuple(f"{b}att.x_{x}" for x in LERP_V7), "stack"),
+            (blk + "channel_mix_lerp_k.weight", (b + "ffn.x_k",), "flat")]
+    for x in ("w", "a", "v", "g"):
+        src = "a" if x == "v" and i == 0 else x  # block 0's unused value mix: a stand-in of the expected shape
+        if x != "g":
+            plan.append((f"{blk}time_mix_{x}0.weight", (f"{b}att.{src}0",), "flat"))
+        plan += [(f"{blk}time_mix_{x}{n}.weight", (f"{b}att.{src}{n}",), "T") for n in (1, 2)]
+    plan += [(f"{blk}time_mix_{x}.weight", (f"{b}att.{x}",), "flat") for x in ("k_k", "k_a", "r_k")]
+    return plan
+
+
+def _block_plan_v6(b: str, blk: str) -> list:
+    return [(blk + "time_mix_lerp_x.weight", (b + "att.time_maa_x",), "same"),
+            (blk + "time_mix_lerp_fused.weight", tuple(f"{b}att.time_maa_{x}" for x in LERP_V6), "stack"),
+            (blk + "time_mix_w1.weight", (b + "att.time_maa_w1",), "T"),
+            (blk + "time_mix_w2.weight", (b + "att.time_maa_w2",), "perm"),
+            (blk + "time_mix_first.weight", (b + "att.time_faaaa",), "same"),
+            (blk + "time_mix_decay.weight", (b + "att.time_decay",), "flat"),
+            (blk + "time_mix_decay_w1.weight", (b + "att.time_decay_w1",), "T"),
+            (blk + "time_mix_decay_w2.weight", (b + "att.time_decay_w2",), "T"),
+            (blk + "channel_mix_lerp_k.weight", (b + "ffn.time_maa_k",), "same"),
+            (blk + "channel_mix_lerp_r.weight", (b + "ffn.time_maa_r",), "same")]
+
+
+def gguf_tensors(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model sd (official keys) as llama.cpp's tensors, fp32, in torch's [out, in] order."""
+    out = {}
+    for name, keys, how in tensor_plan(infer_config(sd)):
+        t = sd[keys[0]].float()
+        if how == "stack":
+            t = torch.stack([sd[k].float().reshape(1, 1, -1) for k in keys])
+        elif how == "T":
+            t = t.T
+        elif how == "flat":
+            t = t.reshape(-1)
+        elif how == "perm":
+            t = t.permute(0, 2, 1)
+        out[name] = t.contiguous()
     return out
 
 
 def official_from_gguf(tensors: dict[str, torch.Tensor], template: dict[str, torch.Tensor]) -> dict:
-    """The inverse of gguf_tensors, into template's keys and shapes (block 0's unused value
-    mix keeps the template's tensor)."""
+    """The inverse of gguf_tensors, into template's keys and shapes (a key the file does not
+    hold, such as block 0's unused value mix, keeps the template's tensor)."""
     back = {}
-    L = infer_config(template).n_layer
-    names = {"emb.weight": "token_embd.weight", "head.weight": "output.weight",
-             "blocks.0.ln0.weight": "token_embd_norm.weight", "blocks.0.ln0.bias": "token_embd_norm.bias",
-             "ln_out.weight": "output_norm.weight", "ln_out.bias": "output_norm.bias"}
-    for i in range(L):
-        b, blk = f"blocks.{i}.", f"blk.{i}."
-        for ours, theirs in (("ln1", "attn_norm"), ("ln2", "attn_norm_2"), ("att.ln_x", "time_mix_ln")):
-            for s in ("weight", "bias"):
-                names[f"{b}{ours}.{s}"] = f"{blk}{theirs}.{s}"
-        fused = tensors[blk + "time_mix_lerp_fused.weight"]
-        for j, x in enumerate(LERP):
-            back[f"{b}att.x_{x}"] = fused[j]
-        for x in ("w", "a", "v", "g"):
-            if x == "v" and i == 0:
-                continue
-            if x != "g":
-                names[f"{b}att.{x}0"] = f"{blk}time_mix_{x}0.weight"
-            back[f"{b}att.{x}1"] = tensors[f"{blk}time_mix_{x}1.weight"].T
-            back[f"{b}att.{x}2"] = tensors[f"{blk}time_mix_{x}2.weight"].T
-        for x in ("k_k", "k_a", "r_k"):
-            names[f"{b}att.{x}"] = f"{blk}time_mix_{x}.weight"
-        for ours in ("key", "value", "receptance", "output"):
-            names[f"{b}att.{ours}.weight"] = f"{blk}time_mix_{ours}.weight"
-        names[b + "ffn.x_k"] = blk + "channel_mix_lerp_k.weight"
-        names[b + "ffn.key.weight"] = blk + "channel_mix_key.weight"
-        names[b + "ffn.value.weight"] = blk + "channel_mix_value.weight"
-    back |= {ours: tensors[theirs] for ours, theirs in names.items()}
+    for name, keys, how in tensor_plan(infer_config(template)):
+        t = tensors[name]
+        if how == "stack":
+            back |= {k: t[j] for j, k in enumerate(keys)}
+        else:
+            back[keys[0]] = t.T if how == "T" else t.permute(0, 2, 1) if how == "perm" else t
     return {k: back[k].reshape(ref.shape) if k in back else ref for k, ref in template.items()}
 
 
@@ -116,7 +127,7 @@ def _storage_type(name: str, t: torch.Tensor, gguf_type: str, gguf):
     vectors, norms, the stacked mixes and the small low-rank matrices (the decay's above all is
     sensitive) stay f32, as llama.cpp's own converter and quantizer keep them."""
     Q = gguf.GGMLQuantizationType
-    if gguf_type == "f32" or t.dim() != 2 or re.search(r"time_mix_[wavg][12]\.", name):
+    if gguf_type == "f32" or t.dim() != 2 or re.search(r"time_mix_([wavg][12]|decay_w[12]|first)\.", name):
         return Q.F32
     if gguf_type == "q8_0":
         return Q.Q8_0 if t.shape[-1] % 32 == 0 else Q.F16
@@ -178,16 +189,21 @@ def write_gguf(sd: dict[str, torch.Tensor], tokenizer, path: str | os.PathLike, 
     """Write the model sd (official RWKV-7 keys) as a GGUF file at path."""
     gguf = _gguf()
     config = infer_config(sd)
-    writer = gguf.GGUFWriter(str(path), "rwkv7")
+    writer = gguf.GGUFWriter(str(path), f"rwkv{config.version}")
     writer.add_context_length(1048576)  # a recurrent model: no context limit
     writer.add_embedding_length(config.n_embd)
     writer.add_block_count(config.n_layer)
     writer.add_layer_norm_eps(NORM_EPS)
     writer.add_wkv_head_size(config.head_size)
-    writer.add_decay_lora_rank(config.d_decay)
-    writer.add_iclr_lora_rank(config.d_aaa)
-    writer.add_value_residual_mix_lora_rank(config.d_mv)
-    writer.add_gate_lora_rank(config.d_gate)
+    if config.version == 7:
+        writer.add_decay_lora_rank(config.d_decay)
+        writer.add_iclr_lora_rank(config.d_aaa)
+        writer.add_value_residual_mix_lora_rank(config.d_mv)
+        writer.add_gate_lora_rank(config.d_gate)
+    else:
+        writer.add_time_mix_extra_dim(config.d_mix)
+        writer.add_time_decay_extra_dim(config.d_decay)
+        writer.add_rescale_every_n_layers(0)  # official weights are stored unscaled
     writer.add_feed_forward_length(config.dim_ffn)
     writer.add_head_count(0)  # llama.cpp requires the key; RWKV has no attention heads
     writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,

@@ -60,16 +60,16 @@ def hf_config(config: RWKVConfig, dtype: torch.dtype, eos_id: int) -> dict:
 
 def check_exportable(config: RWKVConfig, fmt: str) -> None:
     """What the HF and GGUF layouts cannot hold, refused before anything is written."""
-    if config.version != 7:
-        raise RWKVPeftError(f"--format {fmt}: this version exports RWKV-7 only (the model is RWKV-{config.version}); "
-                            "use --format pth for the official runtimes")
+    if config.version != 7 and fmt == "hf":
+        raise RWKVPeftError(f"--format hf: this version exports RWKV-7 only (the model is RWKV-{config.version}); "
+                            "use --format gguf or pth")
     if config.time_state:
         raise RWKVPeftError(f"--format {fmt}: the model holds a learned initial state (state tuning), which the "
                             f"{fmt} runtimes do not load; write it with --state_only and use it beside the base "
                             "(chat.py --state FILE), or merge to --format pth")
-    if config.head_size * NORM_EPS != 64e-5:
-        raise RWKVPeftError(f"--format {fmt}: head size {config.head_size} would change ln_x's eps (64e-5 "
-                            "officially) in that runtime; only head size 64 exports exactly")
+    if fmt == "hf" and config.head_size * NORM_EPS != 64e-5:
+        raise RWKVPeftError(f"--format hf: head size {config.head_size} would change ln_x's eps (64e-5 "
+                            "officially) in the rwkv7 layout; only head size 64 exports exactly")
 
 
 def _shards(tensors: dict[str, torch.Tensor], limit: int) -> list[dict[str, torch.Tensor]]:
