@@ -19,6 +19,10 @@ MERGE_HELP = """Fold a trained adapter into a plain RWKV checkpoint that any RWK
     python merge.py                                   # newest adapter under out/, its recorded base
     python merge.py --base base.pth --adapter out/adapter.safetensors --output merged.pth
     python merge.py --state_only --adapter out/adapter.safetensors --output state.pth   # state tuning
+    python merge.py --format hf                       # a Hugging Face directory (transformers, rwkv7-hf)
+    python merge.py --format gguf --gguf_type q8_0    # a GGUF file (llama.cpp, Ollama)
+    python merge.py --format peft                     # the adapter unmerged, as a Hugging Face peft directory
+    python merge.py --base base.pth --format gguf     # no adapter: convert the checkpoint
 """
 
 
@@ -40,28 +44,38 @@ def merge(argv=None, prog: str = "merge.py") -> int:
 
 
 def _merge(argv, prog: str) -> None:
-    from .peft.merge import merge_files, newest_adapter, write_state_only
+    from .export.run import export_files
+    from .peft.merge import newest_adapter, write_state_only
 
     p = argparse.ArgumentParser(prog=prog, description=MERGE_HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", help="the base checkpoint, .pth or .safetensors (default: the one the adapter was "
                                   "trained on)")
-    p.add_argument("--adapter", help="adapter file: ours (.safetensors) or RWKV-PEFT's (.pth) "
-                                     "(default: the newest under out/)")
-    p.add_argument("--output", help="merged checkpoint to write, .pth or .safetensors (default: merged.pth beside "
-                                    "the adapter)")
+    p.add_argument("--adapter", help="adapter file: ours (.safetensors) or RWKV-PEFT's (.pth), or a Hugging Face "
+                                     "peft adapter directory (default: the newest under out/)")
+    p.add_argument("--output", help="what to write: .pth, .safetensors, .gguf or a directory (default: merged.pth, "
+                                    "merged.gguf, merged-hf/ or peft-adapter/ beside the adapter)")
     p.add_argument("--no_verify", action="store_true",
                    help="skip running base+adapter and merged on a probe sequence (needs two fp32 copies in RAM)")
     p.add_argument("--state_only", action="store_true",
                    help="write only the learned initial state (--train_parts state) as a state file (default: "
                         "state.pth beside the adapter), to use beside the unchanged base: chat.py --state FILE")
+    p.add_argument("--format", help="pth | safetensors | hf (a Hugging Face directory) | gguf (llama.cpp) | peft "
+                                    "(the adapter unmerged, a Hugging Face peft directory); default: from --output's "
+                                    "name, else pth. With --base and no --adapter: convert the base")
+    p.add_argument("--gguf_type", default="f32", help="--format gguf: f32 | f16 | bf16 | q8_0 (default f32)")
+    p.add_argument("--tokenizer", default="auto", help="--format hf/gguf: the tokenizer to ship, 'world' or a "
+                                                       "tokenizer.json (default: the demo's or World, by vocabulary size)")
     add_foreign_adapter_flags(p)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
-    adapter = args.adapter or newest_adapter("out")
+    converting = not (args.adapter or args.state_only) and args.base is not None and args.format is not None
+    adapter = None if converting else args.adapter or newest_adapter("out")
     if args.state_only:
         write_state_only(adapter, args.output, args.base)  # says its own next step
         return
-    output = merge_files(args.base, adapter, args.output, verify=not args.no_verify,
-                         lora_alpha=args.lora_alpha, pissa_init=args.pissa_init)
-    print(f"next: python demo/chat.py --model {output}")
+    output = export_files(args.base, adapter, args.output, args.format, tokenizer=args.tokenizer,
+                          gguf_type=args.gguf_type, verify=not args.no_verify,
+                          lora_alpha=args.lora_alpha, pissa_init=args.pissa_init)
+    if output.endswith((".pth", ".safetensors")):  # the other exports print their own next step
+        print(f"next: python demo/chat.py --model {output}")

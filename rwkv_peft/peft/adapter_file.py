@@ -103,6 +103,11 @@ def read_adapter(path: str | os.PathLike, *, lora_alpha: float | None = None,
     path = Path(path)
     if not path.exists():
         raise RWKVPeftError(f"adapter not found: {path}")
+    if path.is_dir():  # a Hugging Face peft adapter directory (peft/hf_peft_dir.py)
+        from .hf_peft_dir import read_peft_dir
+
+        layers, tensors = read_peft_dir(path, lora_alpha, pissa_init)
+        return Adapter(layers, tensors, {}, None, str(path))
     if path.suffix == ".safetensors":
         for given, flag in ((lora_alpha, "--lora_alpha"), (pissa_init, "--pissa_init")):
             if given is not None:
