@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from ..errors import RWKVPeftError
-from ..model.load import load_model
+from ..peft.load import load_model
 from ..peft.merge import probe_tokens
 
 ADAPTER_TOLERANCE = 1e-4  # fp32 on both sides: only the order of operations differs
