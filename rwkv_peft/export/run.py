@@ -5,8 +5,10 @@
     gguf               a llama.cpp GGUF file (gguf.py)
     peft               the adapter unmerged, as a Hugging Face peft adapter directory (peft_dir.py)
 
-With no adapter (--base and --format only) the base itself is converted. Every output is read
-back and run before it appears under its name; nothing is written when that check fails.
+With no adapter (--base and --format only) the base itself is converted. A merge is run against
+base + adapter first (peft/merge.py); then every hf, gguf and peft output is read back and run
+before it appears under its name, and a converted .pth/.safetensors right after it is written
+(removed again if that fails). Nothing is left behind when a check fails.
 """
 
 from __future__ import annotations
