@@ -36,6 +36,7 @@ from .cpu_memory import MemoryChoice, choose_cpu_memory
 from .engine import (device_for_rank, import_deepspeed, make_optimizer, optimizer_offloaded, param_groups,
                      quiet_known_notices, set_launcher_env, weights_only_load)
 from .interrupt import StopRequest, survive_lost_output
+from .objectives import BAR, load_objective_data, make_objective
 from .outputs import Outputs, peak_memory_mb
 from .report import require_backends
 from .schedule import Schedule, plan_schedule
@@ -155,7 +156,8 @@ def _train(run: Run, deepspeed) -> dict:
     train_file, val_file = data_files(args, world, run.ds_config["zero_optimization"]["stage"], log)
     data, validation = _load_data(run, train_file, val_file, main, log)
     if args.dry_run:
-        log(f"\ndata: {args.data_file}: {len(data):,} samples of {args.ctx_len} tokens per epoch "
+        what = "samples" if args.objective == "sft" else f"{args.objective} preference pairs of up to"
+        log(f"\ndata: {args.data_file}: {len(data):,} {what} {args.ctx_len} tokens per epoch "
             f"({data.tokens_total:,} tokens)\none sample, loss-masked spans marked:\n")
         log(data.render(0))
         return {}
@@ -166,6 +168,7 @@ def _train(run: Run, deepspeed) -> dict:
             log(f"saved the new model's initial weights to {run.base_path}: the base the adapter merges into")
     memory = _place_model(run.model, args, device, log)
     schedule = plan_schedule(args, len(data), world, log)
+    objective = make_objective(run)  # its reference is the model as it stands now, before any resume
     optimizer = make_optimizer(param_groups(run.model, args), args, device, optimizer_offloaded(run.ds_config))
     engine, _, _, _ = deepspeed.initialize(model=run.model, optimizer=optimizer, config=run.ds_config)
     engine.checkpoint_engine.load = weights_only_load
@@ -180,8 +183,8 @@ def _train(run: Run, deepspeed) -> dict:
         log(f"resumed from {run.resume_from} at step {progress.step}")
     outputs = Outputs(run, engine, validation, schedule.global_batch, progress, main)
     outputs.begin(replace(args, grad_cp=memory.grad_cp, cpu_malloc=memory.cpu_malloc))
-    return _fit(run, engine, Stepper(engine, data, args, device, run.proj_dir), schedule, validation, outputs,
-                train_file, device, log)
+    return _fit(run, engine, Stepper(engine, data, args, device, run.proj_dir, objective), schedule, validation,
+                outputs, train_file, device, log)
 
 
 def _fit(run: Run, engine, stepper: Stepper, schedule: Schedule, validation: Validation, outputs: Outputs,
@@ -214,10 +217,12 @@ def _fit(run: Run, engine, stepper: Stepper, schedule: Schedule, validation: Val
                       "peak_memory_mb": round(peak_memory_mb(device), 1)}
             if result.skipped:
                 record["skipped_micro_batches"] = result.skipped
+            record.update(result.metrics)
             outputs.log(record, val_record)
             if main:
                 val = {"val": f"{validation.last_loss:.4f}"} if validation.last_loss is not None else {}
-                bar.set_postfix(loss=f"{result.loss:.4f}", **val, tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}")
+                extra = {k.split("/")[-1][:6]: f"{result.metrics[k]:.3f}" for k in BAR if k in result.metrics}
+                bar.set_postfix(loss=f"{result.loss:.4f}", **val, **extra, tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}")
                 bar.update(1)
             if validation.should_stop():
                 log(f"\nearly stop: no lower validation loss in {args.early_stop} evaluations; "
@@ -258,6 +263,9 @@ def _load_data(run: Run, train_file: str, val_file: str | None, main: bool, log)
     args = run.args
 
     def load():
+        if args.objective != "sft":
+            data = load_objective_data(args, train_file, run.tokenizer)
+            return data, load_heldout(val_file, args, run.tokenizer, main) if val_file else (None, ())
         data = load_training_data(train_file, run.tokenizer, args.ctx_len, data_type=args.data_type,
                                   sft_fields=tuple(args.sft_fields) if args.sft_fields else None,
                                   mode=args.data_mode, seed=args.random_seed, progress=main)
