@@ -37,6 +37,9 @@ BAR = ("rewards/accuracies", "rewards/margins")
 
 def check_objective_args(args: TrainArgs) -> None:
     """Flag combinations an objective cannot run with, each as one line."""
+    if args.init_adapter and (args.peft == "full" or args.peft_rules or args.n_layer):
+        raise RWKVPeftError("--init_adapter continues that adapter's own layers and methods; drop "
+                            "--peft full / --peft_rules / --n_layer")
     if args.objective == "sft":
         return
     if args.val_split:

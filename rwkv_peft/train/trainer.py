@@ -29,6 +29,7 @@ from ..model.time_state import add_time_state
 from ..model.wkv_dispatch import set_op as set_wkv_op
 from ..peft.adapt import parse_rules, plan_adapters, prepare_peft, trainable_summary
 from ..peft.adapter_file import describe_base
+from ..peft.init_adapter import continue_adapter, origin_record
 from ..peft.quant import import_torchao, quant_summary
 from .args import TrainArgs
 from .checkpoint import Progress, find_checkpoint, resume
@@ -109,21 +110,28 @@ def _prepare(args: TrainArgs, main: bool, world: int) -> Run:
     if full:
         methods, parts = _train_every_weight(model, args, log)
     else:
-        plan = plan_adapters(model, rules, default_method(args))
-        if not plan and not args.train_parts:
+        plan = {} if args.init_adapter else plan_adapters(model, rules, default_method(args))
+        if not plan and not args.train_parts and not args.init_adapter:
             raise RWKVPeftError("nothing to train: --peft none with rules that adapt no layer; "
                                 "choose a method or --train_parts")
         torch.manual_seed(args.random_seed)  # LoRA's Kaiming init
         quant = None if args.quant == "none" else args.quant
-        methods, parts = prepare_peft(model, plan, args.train_parts, init=resume_from is None, quant=quant,
-                                      quant_targets=args.quant_targets)
+        if args.init_adapter:  # its layers, methods and trained values instead of fresh ones
+            methods, parts = continue_adapter(model, args.init_adapter, base_sd, args.train_parts, quant=quant,
+                                              quant_targets=args.quant_targets)
+        else:
+            methods, parts = prepare_peft(model, plan, args.train_parts, init=resume_from is None, quant=quant,
+                                          quant_targets=args.quant_targets)
         log(trainable_summary(model, methods, parts))
         if quant:
             log(quant_summary(model))
     # adapters on a new model: its random base is saved beside the run, for merge and chat
     base_path = args.load_model or proj_dir / f"base.{args.model_format}"
-    return Run(args, ds_config, proj_dir, resume_from, tokenizer, model, base_sd, base_path,
-               describe_base(base_sd, model.config, base_path), full, methods, parts)
+    base_info = describe_base(base_sd, model.config, base_path)
+    if args.init_adapter:  # the new adapter file names the adapter it continued
+        base_info["init_adapter"] = origin_record(args.init_adapter)
+    return Run(args, ds_config, proj_dir, resume_from, tokenizer, model, base_sd, base_path, base_info, full,
+               methods, parts)
 
 
 def _model_and_tokenizer(args: TrainArgs, dtype):
