@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..assets import DEMO_BASE, DEMO_DATA
+from ..assets import DEMO_BASE, DEMO_DATA, DEMO_PREFERENCE
 from ..errors import RWKVPeftError
 from ..peft.methods import METHODS
 from .args import LR_INIT, STATE_LR, TrainArgs, default_peft
@@ -30,7 +30,7 @@ def resolve(args: TrainArgs, world: int) -> tuple[TrainArgs, dict]:
     if args.data_file is None:  # the embedded demo when no data is named
         if not DEMO_DATA.exists():
             raise RWKVPeftError(f"no --data_file given and the embedded demo data {DEMO_DATA} is missing")
-        changes["data_file"] = str(DEMO_DATA)
+        changes["data_file"] = str(DEMO_DATA if args.objective == "sft" else DEMO_PREFERENCE)
         if args.load_model is None and not args.n_layer:
             changes["load_model"] = str(DEMO_BASE)
     if args.lr_init is None:
