@@ -100,3 +100,16 @@ def test_bad_input_gives_one_error_line(work, args, message):
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], proc.stderr[-2000:]
+
+
+def test_dpo_across_two_processes_equals_one_process(work):
+    # the reference runs on each process's own model; the figures are averaged over the processes
+    args = prefs("--objective", "dpo", "--peft", "lora", "--max_steps", "4", "--strategy", "deepspeed_stage_2")
+    args[args.index("--micro_bsz") + 1] = "2"
+    train(work, *args, "--proj_dir", "dpo-one")
+    args[args.index("--micro_bsz") + 1] = "1"
+    run_script(work, "train.py", *BASE, *args, "--proj_dir", "dpo-two", nproc=2)
+    one, two = records(work / "dpo-one"), records(work / "dpo-two")
+    for key in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen"):
+        torch.testing.assert_close(torch.tensor([r[key] for r in two]), torch.tensor([r[key] for r in one]),
+                                   rtol=1e-4, atol=1e-5)
