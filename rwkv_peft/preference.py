@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from .loss import VocabCrossEntropy
 
 
-def sequence_logps(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(logits: torch.Tensor, targets: torch.Tensor,
+                   mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of log p(target) over each sequence's positions with mask 1 [N], those positions' count [N]).
 
     The per-position cross entropy is the slice-by-slice fp32 one of the SFT loss (loss.py), so

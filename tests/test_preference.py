@@ -90,7 +90,8 @@ def test_sequence_logps_equal_a_float64_recomputation():
     w = torch.tensor([0.3, -1.0, 2.0, 0.5])
     (sums * w).sum().backward()
     x = logits.detach().double().requires_grad_()
-    ((torch.log_softmax(x, -1).gather(-1, targets[..., None])[..., 0] * mask.double()).sum(-1) * w.double()).sum().backward()
+    per_seq = (torch.log_softmax(x, -1).gather(-1, targets[..., None])[..., 0] * mask.double()).sum(-1)
+    (per_seq * w.double()).sum().backward()
     assert torch.allclose(logits.grad.double(), x.grad, atol=1e-6)
 
 
