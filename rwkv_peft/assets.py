@@ -20,3 +20,4 @@ DEMO_BASE = DEMO_DIR / "base.pth"
 DEMO_TOKENIZER = DEMO_DIR / "tokenizer.json"
 DEMO_DATA = DEMO_DIR / "data" / "train.jsonl"
 DEMO_HELDOUT = DEMO_DIR / "data" / "heldout.jsonl"
+DEMO_PREFERENCE = DEMO_DIR / "data" / "preference.jsonl"  # pairs for --objective dpo/simpo/orpo (demo/make_preference.py)

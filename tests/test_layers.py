@@ -15,7 +15,7 @@ LAYERS = [
     ("data", ["data"]),
     ("model", ["model"]),
     ("peft", ["peft"]),
-    ("loss and generation", ["loss", "generate"]),
+    ("loss and generation", ["loss", "preference", "grpo", "rollout", "generate"]),
     ("scoring", ["scoring"]),
     ("inference commands", ["eval", "chat", "run"]),
     ("export", ["export"]),

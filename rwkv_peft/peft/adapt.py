@@ -12,6 +12,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,8 +43,11 @@ class AdaptedLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.weight = weight if isinstance(weight, QuantizedWeight) else nn.Parameter(weight, requires_grad=False)
         self.adapter = method
+        self.base_only = False  # set by adapters_disabled: the original base layer's output
 
     def forward(self, x):
+        if self.base_only:
+            return self.adapter.base_forward(x, self.weight)
         return self.adapter(x, self.weight)
 
     def extra_repr(self):
@@ -309,6 +313,31 @@ def quantize_linears(model: RWKV, fmt: str, targets: str = "adapted") -> None:
             setattr(parent, attr, QuantizedLinear(QuantizedWeight(layer.weight, fmt, dtype, name=name)))
         elif type(layer) is nn.Linear:
             layer.weight.data = layer.weight.data.to(dtype)  # in place: a --train_parts head stays the same parameter
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module, states: dict[str, torch.Tensor] | None = None):
+    """Inside, the model computes its base: every AdaptedLinear the original layer's output
+    (PeftMethod.base_forward) and every learned initial state (att.time_state) the base's own:
+    `states` (key -> tensor, e.g. a copy taken before training) where given, else none (zeros).
+    Nothing is copied: the same frozen weights serve both, which is why preference tuning's
+    reference model costs no memory. Use under torch.no_grad()."""
+    layers = [m for m in model.modules() if isinstance(m, AdaptedLinear)]
+    swapped = []
+    for name, param in model.named_parameters():
+        if name.endswith("att.time_state"):  # the base has no state of its own: it starts from zeros
+            base = states[name] if states is not None and name in states else torch.zeros_like(param)
+            swapped.append((param, param.data))
+            param.data = base.to(param.device, param.dtype)
+    for layer in layers:
+        layer.base_only = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.base_only = False
+        for param, data in swapped:
+            param.data = data
 
 
 def set_frozen_weight(layer: AdaptedLinear, weight: torch.Tensor) -> None:

@@ -6,6 +6,8 @@ object serves training, merging and tests, so the merge cannot drift from traini
     frozen_weight(W)  the weight the adapted layer holds frozen (PiSSA: the residual W - B0 A0)
     forward(x, Wf)    the adapted layer's output for input x [..., in], Wf = frozen_weight(W)
                       (a tensor, or a QuantizedWeight holding it quantized: peft/quant.py)
+    base_forward(x, Wf)  the ORIGINAL base layer's output W x, from what the layer holds
+                      (the reference model of preference tuning: adapt.adapters_disabled)
     delta(W)          fp32 [out, in] with  merged = W + delta(W),  W the original base weight
     tensors()         what an adapter file stores for this layer, by file name (lora_A, bone, ...)
 
@@ -65,6 +67,11 @@ class PeftMethod(nn.Module):
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def base_forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """W x, the base layer without this adapter: the frozen weight is W itself unless a method
+        changed it (PiSSA)."""
+        return frozen_linear(x, weight)
 
     def delta(self, weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -165,6 +172,10 @@ class PiSSA(LoRA):
 
     def frozen_weight(self, weight):
         return (weight.float() - self.init_B.float() @ self.init_A.float()).to(weight.dtype)
+
+    def base_forward(self, x, weight):
+        # W x = W_res x + B0 A0 x: equal to the base up to the rounding of W_res (held in the working dtype)
+        return frozen_linear(x, weight) + F.linear(F.linear(x, self.init_A.to(x.dtype)), self.init_B.to(x.dtype))
 
     def delta(self, weight):
         return self.lora_B.float() @ self.lora_A.float() - self.init_B.float() @ self.init_A.float()

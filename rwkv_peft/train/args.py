@@ -78,6 +78,17 @@ class _Options:
                                         "linear layer, the head included)", "peft", choices=("adapted", "all"))
     state_lr: float | None = opt(None, f"peak learning rate of the learned state (--train_parts state), on the "
                                        f"schedule of --lr_init (default {STATE_LR:g})", "peft")
+    # objective (train/objectives.py; README "Objectives")
+    objective: str = opt("sft", "what to train for: sft (next-token loss on the replies), or preference tuning on "
+                                "prompt/chosen/rejected .jsonl records: dpo (against the reference: the model with "
+                                "its adapters off), simpo or orpo (no reference)", "objective",
+                         choices=("sft", "dpo", "simpo", "orpo"))
+    beta: float | None = opt(None, "DPO / SimPO temperature beta (default: 0.1 for dpo, 2.0 for simpo)", "objective")
+    gamma: float = opt(0.5, "SimPO target reward margin gamma", "objective")
+    orpo_lambda: float = opt(0.1, "ORPO weight lambda of the odds-ratio term beside the SFT loss", "objective")
+    init_adapter: str | None = opt(None, "start from this trained adapter file (e.g. an SFT run's "
+                                         "adapter.safetensors) instead of fresh adapters; its method and ranks are "
+                                         "kept, and the new adapter file records it", "objective")
     # optimisation
     max_steps: int = opt(0, "optimizer steps to run (0: --epochs over the data)")
     epochs: float = opt(1.0, "passes over the data when --max_steps is 0")
@@ -139,7 +150,7 @@ class _Options:
 TrainArgs = make_dataclass("TrainArgs", [(f.flag, type(f.default), opt(f.default, f.help, "peft"))
                                         for f in method_flags()], bases=(_Options,), frozen=True)
 TrainArgs.__doc__ = "The parsed train.py flags: _Options plus every PEFT method's own flags."
-GROUPS = ("model", "data", "validation", "peft", "training", "output")
+GROUPS = ("model", "data", "validation", "peft", "objective", "training", "output")
 
 
 def ordered_fields() -> list:

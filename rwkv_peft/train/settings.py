@@ -13,12 +13,13 @@ from pathlib import Path
 
 import torch
 
-from ..assets import DEMO_BASE, DEMO_DATA
+from ..assets import DEMO_BASE, DEMO_DATA, DEMO_PREFERENCE
 from ..errors import RWKVPeftError
 from ..peft.methods import METHODS
 from .args import LR_INIT, STATE_LR, TrainArgs, default_peft
 from .checkpoint import newest_run
 from .engine import config_precision, deepspeed_config
+from .objectives import DEFAULT_BETA, check_objective_args
 
 DEMO_LR = 1e-3  # the tiny demo model learns its facts far better at 1e-3 than at LR_INIT
 
@@ -29,7 +30,7 @@ def resolve(args: TrainArgs, world: int) -> tuple[TrainArgs, dict]:
     if args.data_file is None:  # the embedded demo when no data is named
         if not DEMO_DATA.exists():
             raise RWKVPeftError(f"no --data_file given and the embedded demo data {DEMO_DATA} is missing")
-        changes["data_file"] = str(DEMO_DATA)
+        changes["data_file"] = str(DEMO_DATA if args.objective == "sft" else DEMO_PREFERENCE)
         if args.load_model is None and not args.n_layer:
             changes["load_model"] = str(DEMO_BASE)
     if args.lr_init is None:
@@ -38,6 +39,9 @@ def resolve(args: TrainArgs, world: int) -> tuple[TrainArgs, dict]:
     changes["state_lr"] = STATE_LR if args.state_lr is None else args.state_lr
     if args.precision == "auto":
         changes["precision"] = "bf16" if torch.cuda.is_available() else "fp32"
+    if args.beta is None:  # objectives: their defaults (objectives.py)
+        changes["beta"] = DEFAULT_BETA.get(args.objective)
+    check_objective_args(args)
     args = replace(args, **changes)
     if args.load_model is None and not args.n_layer:
         raise RWKVPeftError("give --load_model FILE to fine-tune, or --n_layer and --n_embd to train from scratch")

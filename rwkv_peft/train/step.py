@@ -7,7 +7,7 @@ function of its number: what makes resume exact.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,13 +24,15 @@ class StepResult:
     loss: float           # mean over the step's finite micro batches, and over every process
     skipped: int          # micro batches of this step whose loss was not finite (they gave no gradient)
     stop_requested: bool  # some process was asked to stop (Ctrl-C, SIGTERM): all stop at this step
+    metrics: dict = field(default_factory=dict)  # the objective's figures (objectives.py); none for SFT
 
 
 class Stepper:
     """Runs the optimizer steps of a run on one process."""
 
-    def __init__(self, engine, data, args: TrainArgs, device: torch.device, proj_dir: Path):
+    def __init__(self, engine, data, args: TrainArgs, device: torch.device, proj_dir: Path, objective=None):
         self.engine, self.data, self.args, self.device = engine, data, args, device
+        self.objective = objective  # None: SFT's masked loss
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.trainable = [p for p in engine.module.parameters() if p.requires_grad]
         self.checkpoints = proj_dir / "checkpoints"
@@ -62,13 +64,16 @@ class Stepper:
         if self.world > 1:
             dist.all_reduce(reduced)
         self._check_grad_norm(step, bad)
-        return StepResult(reduced[0].item() / self.world, bad, reduced[1].item() > 0)
+        metrics = self.objective.step_metrics() if self.objective else {}
+        return StepResult(reduced[0].item() / self.world, bad, reduced[1].item() > 0, metrics)
 
     def _micro_batch_loss(self, step: int, micro: int) -> tuple[torch.Tensor, int]:
         args = self.args
         first = ((step * args.accumulate_grad_batches + micro) * self.world + self.rank) * args.micro_bsz
         batch = self.data.batch(list(range(first, first + args.micro_bsz)))
         torch.manual_seed(args.random_seed + first)  # dropout: a function of the sample index
+        if self.objective is not None:
+            return self.objective.micro_batch_loss(self.engine, batch), first
         inputs, targets, mask = (batch[k].to(self.device) for k in ("input_ids", "targets", "loss_mask"))
         if args.chunk_ctx:
             return chunked_loss(self.engine, inputs, targets, mask, args.chunk_ctx, detach=args.chunk_detach), first

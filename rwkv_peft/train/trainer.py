@@ -29,6 +29,7 @@ from ..model.time_state import add_time_state
 from ..model.wkv_dispatch import set_op as set_wkv_op
 from ..peft.adapt import parse_rules, plan_adapters, prepare_peft, trainable_summary
 from ..peft.adapter_file import describe_base
+from ..peft.init_adapter import continue_adapter, origin_record
 from ..peft.quant import import_torchao, quant_summary
 from .args import TrainArgs
 from .checkpoint import Progress, find_checkpoint, resume
@@ -36,6 +37,7 @@ from .cpu_memory import MemoryChoice, choose_cpu_memory
 from .engine import (device_for_rank, import_deepspeed, make_optimizer, optimizer_offloaded, param_groups,
                      quiet_known_notices, set_launcher_env, weights_only_load)
 from .interrupt import StopRequest, survive_lost_output
+from .objectives import BAR, load_objective_data, make_objective
 from .outputs import Outputs, peak_memory_mb
 from .report import require_backends
 from .schedule import Schedule, plan_schedule
@@ -108,21 +110,28 @@ def _prepare(args: TrainArgs, main: bool, world: int) -> Run:
     if full:
         methods, parts = _train_every_weight(model, args, log)
     else:
-        plan = plan_adapters(model, rules, default_method(args))
-        if not plan and not args.train_parts:
+        plan = {} if args.init_adapter else plan_adapters(model, rules, default_method(args))
+        if not plan and not args.train_parts and not args.init_adapter:
             raise RWKVPeftError("nothing to train: --peft none with rules that adapt no layer; "
                                 "choose a method or --train_parts")
         torch.manual_seed(args.random_seed)  # LoRA's Kaiming init
         quant = None if args.quant == "none" else args.quant
-        methods, parts = prepare_peft(model, plan, args.train_parts, init=resume_from is None, quant=quant,
-                                      quant_targets=args.quant_targets)
+        if args.init_adapter:  # its layers, methods and trained values instead of fresh ones
+            methods, parts = continue_adapter(model, args.init_adapter, base_sd, args.train_parts, quant=quant,
+                                              quant_targets=args.quant_targets)
+        else:
+            methods, parts = prepare_peft(model, plan, args.train_parts, init=resume_from is None, quant=quant,
+                                          quant_targets=args.quant_targets)
         log(trainable_summary(model, methods, parts))
         if quant:
             log(quant_summary(model))
     # adapters on a new model: its random base is saved beside the run, for merge and chat
     base_path = args.load_model or proj_dir / f"base.{args.model_format}"
-    return Run(args, ds_config, proj_dir, resume_from, tokenizer, model, base_sd, base_path,
-               describe_base(base_sd, model.config, base_path), full, methods, parts)
+    base_info = describe_base(base_sd, model.config, base_path)
+    if args.init_adapter:  # the new adapter file names the adapter it continued
+        base_info["init_adapter"] = origin_record(args.init_adapter)
+    return Run(args, ds_config, proj_dir, resume_from, tokenizer, model, base_sd, base_path, base_info, full,
+               methods, parts)
 
 
 def _model_and_tokenizer(args: TrainArgs, dtype):
@@ -155,7 +164,8 @@ def _train(run: Run, deepspeed) -> dict:
     train_file, val_file = data_files(args, world, run.ds_config["zero_optimization"]["stage"], log)
     data, validation = _load_data(run, train_file, val_file, main, log)
     if args.dry_run:
-        log(f"\ndata: {args.data_file}: {len(data):,} samples of {args.ctx_len} tokens per epoch "
+        what = "samples" if args.objective == "sft" else f"{args.objective} preference pairs of up to"
+        log(f"\ndata: {args.data_file}: {len(data):,} {what} {args.ctx_len} tokens per epoch "
             f"({data.tokens_total:,} tokens)\none sample, loss-masked spans marked:\n")
         log(data.render(0))
         return {}
@@ -166,6 +176,7 @@ def _train(run: Run, deepspeed) -> dict:
             log(f"saved the new model's initial weights to {run.base_path}: the base the adapter merges into")
     memory = _place_model(run.model, args, device, log)
     schedule = plan_schedule(args, len(data), world, log)
+    objective = make_objective(run)  # its reference is the model as it stands now, before any resume
     optimizer = make_optimizer(param_groups(run.model, args), args, device, optimizer_offloaded(run.ds_config))
     engine, _, _, _ = deepspeed.initialize(model=run.model, optimizer=optimizer, config=run.ds_config)
     engine.checkpoint_engine.load = weights_only_load
@@ -180,8 +191,8 @@ def _train(run: Run, deepspeed) -> dict:
         log(f"resumed from {run.resume_from} at step {progress.step}")
     outputs = Outputs(run, engine, validation, schedule.global_batch, progress, main)
     outputs.begin(replace(args, grad_cp=memory.grad_cp, cpu_malloc=memory.cpu_malloc))
-    return _fit(run, engine, Stepper(engine, data, args, device, run.proj_dir), schedule, validation, outputs,
-                train_file, device, log)
+    return _fit(run, engine, Stepper(engine, data, args, device, run.proj_dir, objective), schedule, validation,
+                outputs, train_file, device, log)
 
 
 def _fit(run: Run, engine, stepper: Stepper, schedule: Schedule, validation: Validation, outputs: Outputs,
@@ -214,10 +225,12 @@ def _fit(run: Run, engine, stepper: Stepper, schedule: Schedule, validation: Val
                       "peak_memory_mb": round(peak_memory_mb(device), 1)}
             if result.skipped:
                 record["skipped_micro_batches"] = result.skipped
+            record.update(result.metrics)
             outputs.log(record, val_record)
             if main:
                 val = {"val": f"{validation.last_loss:.4f}"} if validation.last_loss is not None else {}
-                bar.set_postfix(loss=f"{result.loss:.4f}", **val, tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}")
+                extra = {k.split("/")[-1][:6]: f"{result.metrics[k]:.3f}" for k in BAR if k in result.metrics}
+                bar.set_postfix(loss=f"{result.loss:.4f}", **val, **extra, tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}")
                 bar.update(1)
             if validation.should_stop():
                 log(f"\nearly stop: no lower validation loss in {args.early_stop} evaluations; "
@@ -258,6 +271,9 @@ def _load_data(run: Run, train_file: str, val_file: str | None, main: bool, log)
     args = run.args
 
     def load():
+        if args.objective != "sft":
+            data = load_objective_data(args, train_file, run.tokenizer)
+            return data, load_heldout(val_file, args, run.tokenizer, main) if val_file else (None, ())
         data = load_training_data(train_file, run.tokenizer, args.ctx_len, data_type=args.data_type,
                                   sft_fields=tuple(args.sft_fields) if args.sft_fields else None,
                                   mode=args.data_mode, seed=args.random_seed, progress=main)
