@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from ..data.tokenizer import check_fits_model, load_tokenizer, tokenizer_for
 from ..errors import RWKVPeftError
-from ..io import check_writable_dir, save_checkpoint_file
+from ..io import check_writable_dir, load_tensor_file, save_checkpoint_file
 from ..model import RWKV, create_model, load_model
 from ..model.init import rwkv7_config
 from ..model.time_state import add_time_state
@@ -30,7 +30,7 @@ from ..model.wkv_dispatch import set_op as set_wkv_op
 from ..peft.adapt import parse_rules, plan_adapters, prepare_peft, trainable_summary
 from ..peft.adapter_file import describe_base
 from ..peft.quant import import_torchao, quant_summary
-from .args import TrainArgs
+from .args import TrainArgs, check_fits_memory
 from .checkpoint import Progress, find_checkpoint, resume
 from .cpu_memory import MemoryChoice, choose_cpu_memory
 from .engine import (device_for_rank, import_deepspeed, make_optimizer, optimizer_offloaded, param_groups,
@@ -56,12 +56,19 @@ class Run:
     resume_from: Path | None
     tokenizer: object
     model: RWKV
-    base_sd: dict          # the weights before adapters: what merges and PiSSA's resume start from
+    new_base: dict | None  # a new model's initial weights, for its base file; no other copy of a base is kept
     base_path: Path | str
     base_info: dict        # the base as the adapter file records it
     full: bool             # every weight trains (no adapter file)
     methods: dict          # adapted layer -> its PEFT method
     parts: dict            # whole tensors trained beside the adapters (--train_parts)
+
+    def base_weights(self, names: list[str]) -> dict:
+        """These base weights as training started from them (PiSSA's resume), read again from the
+        base file: the run keeps no copy, whose mapped pages would stay in its memory. In the
+        run's precision, except under --quant, which reads a base in the file's dtype."""
+        sd = load_tensor_file(self.base_path, "base")
+        return {n: sd[n] if self.args.quant != "none" else sd[n].to(DTYPES[self.args.precision]) for n in names}
 
 
 def train(args: TrainArgs) -> dict:
@@ -102,9 +109,13 @@ def _prepare(args: TrainArgs, main: bool, world: int) -> Run:
         import_torchao(args.quant)  # a missing library fails here, before the model loads
 
     model, tokenizer = _model_and_tokenizer(args, DTYPES[args.precision])
-    base_sd = dict(model.state_dict())
+    check_fits_memory(args, model.config.n_layer, model.config.n_embd)
+    # adapters on a new model: its random base is saved beside the run, for merge and chat
+    base_path = args.load_model or proj_dir / f"base.{args.model_format}"
+    base_info = describe_base(model.state_dict(), model.config, base_path)  # before adapters change it
     rules = parse_rules(args.peft_rules)
     full = trains_whole_model(args, rules)
+    new_base = None if full or args.load_model else dict(model.state_dict())
     if full:
         methods, parts = _train_every_weight(model, args, log)
     else:
@@ -119,10 +130,8 @@ def _prepare(args: TrainArgs, main: bool, world: int) -> Run:
         log(trainable_summary(model, methods, parts))
         if quant:
             log(quant_summary(model))
-    # adapters on a new model: its random base is saved beside the run, for merge and chat
-    base_path = args.load_model or proj_dir / f"base.{args.model_format}"
-    return Run(args, ds_config, proj_dir, resume_from, tokenizer, model, base_sd, base_path,
-               describe_base(base_sd, model.config, base_path), full, methods, parts)
+    return Run(args, ds_config, proj_dir, resume_from, tokenizer, model, new_base, base_path, base_info, full,
+               methods, parts)
 
 
 def _model_and_tokenizer(args: TrainArgs, dtype):
@@ -161,9 +170,10 @@ def _train(run: Run, deepspeed) -> dict:
         return {}
     if main:  # created only now, so that a run that fails on its inputs leaves nothing behind
         run.proj_dir.mkdir(parents=True, exist_ok=True)
-        if not run.full and not args.load_model and not Path(run.base_path).exists():
-            save_checkpoint_file(run.base_sd, run.base_path)
+        if run.new_base is not None and not Path(run.base_path).exists():
+            save_checkpoint_file(run.new_base, run.base_path)
             log(f"saved the new model's initial weights to {run.base_path}: the base the adapter merges into")
+    run.new_base = None  # the file is the base from now on (PiSSA's resume reads it)
     memory = _place_model(run.model, args, device, log)
     schedule = plan_schedule(args, len(data), world, log)
     optimizer = make_optimizer(param_groups(run.model, args), args, device, optimizer_offloaded(run.ds_config))
@@ -173,9 +183,11 @@ def _train(run: Run, deepspeed) -> dict:
     if run.resume_from is not None:
         progress = resume(engine, run.resume_from, run, schedule.global_batch, validation)
         if progress.step >= schedule.total_steps or validation.should_stop():
-            how = "stopped early" if progress.step < schedule.total_steps else "complete"
-            log(f"the run in {run.proj_dir} is already {how} ({progress.step} of {schedule.total_steps} steps); "
-                "nothing was changed. To train more, start a new run (or resume with a larger --max_steps)")
+            early = progress.step < schedule.total_steps
+            more = (f"resume with a larger --early_stop than {args.early_stop} (or 0)" if early
+                    else "resume with a larger --max_steps")
+            log(f"the run in {run.proj_dir} is already {'stopped early' if early else 'complete'} ({progress.step} of "
+                f"{schedule.total_steps} steps); nothing was changed. To train more, {more}, or start a new run")
             return {"steps": progress.step, "complete": True, "proj_dir": str(run.proj_dir)}
         log(f"resumed from {run.resume_from} at step {progress.step}")
     outputs = Outputs(run, engine, validation, schedule.global_batch, progress, main)
