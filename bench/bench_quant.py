@@ -3,6 +3,7 @@
     python bench/bench_quant.py bytes                 # frozen bytes of the adapted layers, 0.4B/1.5B/7B shapes
     python bench/bench_quant.py load                  # peak RAM of loading a 1.5B-shaped bf16 file
     python bench/bench_quant.py train [--ctx 512]     # peak RSS of 3 train.py steps, 1.5B shape, nf4 vs none
+    python bench/bench_quant.py train --shape small   # the same on a 0.1B-shaped model (48M adapted weights)
     python bench/bench_quant.py quality [--seeds 0 1 2]   # the demo task, Bone r=64, nf4 vs none
 
 bytes: one block's real quantized tensors (QuantizedWeight, i.e. torchao's) for the six adapted
@@ -36,6 +37,7 @@ from rwkv_peft.peft.quant import QuantizedWeight  # noqa: E402
 from tiny_workspace import clean_env  # noqa: E402
 
 SHAPES = {"0.4B": (24, 1024), "1.5B": (24, 2048), "7B": (32, 4096)}  # RWKV-7 (layers, width)
+TRAIN_SHAPES = {"1.5B": (24, 2048), "small": (12, 576)}  # small: 48M weights under the adapters
 GOALS = {"nf4": 0.3, "int8": 0.55}  # the ceilings, as a fraction of bf16
 
 
@@ -60,12 +62,12 @@ def frozen_bytes() -> list[dict]:
     return rows
 
 
-def write_base(work: Path) -> Path:
-    path = work / "base-1.5B-bf16.pth"
+def write_base(work: Path, shape: str = "1.5B") -> Path:
+    path = work / f"base-{shape}-bf16.pth"
     if not path.exists():
         from official_layout import rwkv7_state_dict
 
-        L, C = SHAPES["1.5B"]
+        L, C = TRAIN_SHAPES[shape]
         sd = rwkv7_state_dict(n_layer=L, n_embd=C, head_size=64, vocab=65536, seed=0, dims=(96, 96, 64, 256),
                               dtype=torch.bfloat16)
         torch.save(sd, path)
@@ -101,8 +103,8 @@ def load_peaks(work: Path) -> list[dict]:
     return rows
 
 
-def train_peaks(work: Path, ctx: int, steps: int, quants: list[str], precision: str) -> list[dict]:
-    path = write_base(work)
+def train_peaks(work: Path, ctx: int, steps: int, quants: list[str], precision: str, shape: str) -> list[dict]:
+    path = write_base(work, shape)
     data = work / "text.jsonl"
     words = "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches".split()
     g = torch.Generator().manual_seed(0)
@@ -120,7 +122,7 @@ def train_peaks(work: Path, ctx: int, steps: int, quants: list[str], precision: 
         if proc.returncode:
             sys.exit(f"train.py --quant {quant} failed:\n{proc.stderr[-3000:]}")
         summary = json.loads((run / "summary.json").read_text())
-        row = {"quant": quant, "precision": precision, "ctx": ctx, "steps": steps,
+        row = {"quant": quant, "shape": shape, "precision": precision, "ctx": ctx, "steps": steps,
                "peak_rss_MB": summary["peak_memory_mb"], "tokens_per_s": summary["tokens_per_s"],
                "final_loss": summary["final_loss"]}
         rows.append(row)
@@ -159,6 +161,7 @@ def main() -> None:
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--quants", nargs="+", default=["nf4", "none"])
+    p.add_argument("--shape", default="1.5B", choices=TRAIN_SHAPES, help="train: the model's shape")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--json", help="also write the rows here")
@@ -166,7 +169,7 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     rows = {"bytes": frozen_bytes, "load": lambda: load_peaks(work),
-            "train": lambda: train_peaks(work, args.ctx, args.steps, args.quants, args.precision),
+            "train": lambda: train_peaks(work, args.ctx, args.steps, args.quants, args.precision, args.shape),
             "quality": lambda: quality(args.seeds)}[args.part]()
     if args.json:
         Path(args.json).write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=1))

@@ -18,12 +18,18 @@ import time
 from pathlib import Path
 
 from .assets import DEMO_BASE
-from .cli import add_foreign_adapter_flags, add_op_flag, run_command
+from .cli import (add_foreign_adapter_flags, add_op_flag, checked, command, non_negative, parse_checked, positive,
+                  prog, run_command, usable_device)
 from .model import wkv_dispatch
 
 
-def parse_args(argv=None, prog=None):
-    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def _probability(v) -> str | None:
+    return None if 0 <= v <= 1 else "must be between 0 and 1"
+
+
+def parse_args(argv=None, prog_name=None):
+    p = argparse.ArgumentParser(prog=prog_name or prog("chat"), description=__doc__.replace("python demo/chat.py",
+                                command("chat")), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="RWKV checkpoint, .pth or .safetensors (default: the newest merged checkpoint "
                                    "under out/, else the base an --adapter was trained on, else the demo base)")
     p.add_argument("--adapter", help="adapter file to run unmerged on top of --model")
@@ -37,34 +43,31 @@ def parse_args(argv=None, prog=None):
     p.add_argument("--prompt", action="append",
                    help="do not chat: print the reply to this message and exit (repeat it for several turns)")
     g = p.add_argument_group("sampling")
-    g.add_argument("--temperature", type=float, default=0.5, help="0 = greedy (default 0.5)")
-    g.add_argument("--top_p", type=float, default=0.5, help="nucleus size, applied before temperature "
-                                                             "(0 = greedy; default 0.5)")
-    g.add_argument("--top_k", type=int, default=0, help="keep only the k most likely tokens (0 = off)")
-    g.add_argument("--presence_penalty", type=float, default=0.3,
+    g.add_argument("--temperature", type=checked(float, non_negative), default=0.5, help="0 = greedy (default 0.5)")
+    g.add_argument("--top_p", type=checked(float, _probability), default=0.5,
+                   help="nucleus size, applied before temperature (0 = greedy; default 0.5)")
+    g.add_argument("--top_k", type=checked(int, non_negative), default=0,
+                   help="keep only the k most likely tokens (0 = off)")
+    g.add_argument("--presence_penalty", type=checked(float), default=0.3,
                    help="subtracted from the logit of every token already in the reply (default 0.3)")
-    g.add_argument("--frequency_penalty", type=float, default=0.3,
+    g.add_argument("--frequency_penalty", type=checked(float), default=0.3,
                    help="subtracted once more per earlier occurrence (default 0.3)")
-    g.add_argument("--penalty_decay", type=float, default=0.996, help="occurrence counts decay by this per token")
-    g.add_argument("--max_tokens", type=int, default=200, help="longest reply in tokens (default 200)")
-    g.add_argument("--seed", type=int, help="random seed, for replies that repeat (default: random)")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    g.add_argument("--penalty_decay", type=checked(float, _probability), default=0.996,
+                   help="occurrence counts decay by this per token")
+    g.add_argument("--max_tokens", type=checked(int, positive), default=200,
+                   help="longest reply in tokens (default 200)")
+    g.add_argument("--seed", type=checked(int, non_negative),
+                   help="random seed, for replies that repeat (default: random)")
+    p.add_argument("--device", type=checked(str, usable_device),
+                   help="cpu or cuda (default: cuda when available)")
     add_op_flag(p)
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
                    help="compute dtype (default: fp32 on CPU, bf16 on GPU)")
-    p.add_argument("--threads", type=int, help="CPU threads (default: 1 for models under 20M parameters, "
+    p.add_argument("--threads", type=checked(int, positive),
+                   help="CPU threads (default: 1 for models under 20M parameters, "
                                                "else torch's default)")
     p.add_argument("--debug", action="store_true", help="show Python tracebacks")
-    args = p.parse_args(argv)
-    if args.max_tokens < 1:
-        p.error("--max_tokens must be at least 1")
-    if args.top_k < 0:
-        p.error("--top_k must be 0 or more")
-    if not 0.0 <= args.top_p <= 1.0:
-        p.error("--top_p must be between 0 and 1")
-    if args.temperature < 0:
-        p.error("--temperature must be 0 or more")
-    return args
+    return parse_checked(p, argv)
 
 
 def newest_merged(root: Path = Path("out")) -> Path | None:
@@ -90,7 +93,7 @@ def choose_model(args, note) -> tuple[str, object]:
         return str(merged), None
     if DEMO_BASE.exists():
         note(f"no merged checkpoint under out/ yet: chatting with the demo base {DEMO_BASE}, "
-             "which has not been fine-tuned (python train.py; python merge.py)")
+             f"which has not been fine-tuned ({command('train')}; {command('merge')})")
         return str(DEMO_BASE), None
     raise RWKVPeftError("no --model given and no merged checkpoint under out/; pass --model FILE")
 

@@ -3,51 +3,59 @@ installed rwkv-peft-train and rwkv-peft-merge: the top of the package's layers."
 
 import argparse
 
-from .cli import add_foreign_adapter_flags, run_command
+from .cli import add_foreign_adapter_flags, command, prog as command_prog, run_command
 from .train.args import parse_args  # DeepSpeed loads only after the flags parse
 
+# {train} and {merge}: the commands as this user starts them (cli.command)
 TRAIN_HELP = """Fine-tune an RWKV-7 or RWKV-6 model with LoRA, PiSSA, Bone or Bat (or fully), on DeepSpeed.
 
-    python train.py --peft bone --bone_r 64          # the embedded demo: tiny base, chat data
-    python train.py --load_model RWKV-x070-World-1.5B.pth --data_file my.jsonl --peft lora --lora_r 32
-    python train.py --peft none --train_parts state  # state tuning: only the initial state of every layer
-    torchrun --nproc_per_node 4 train.py ...         # or: deepspeed train.py ...
+    {train} --peft bone --bone_r 64          # the embedded demo: tiny base, chat data
+    {train} --load_model RWKV-x070-World-1.5B.pth --data_file my.jsonl --peft lora --lora_r 32
+    {train} --peft none --train_parts state  # state tuning: only the initial state of every layer
+    {torchrun}
 """
 
 MERGE_HELP = """Fold a trained adapter into a plain RWKV checkpoint that any RWKV runtime loads.
 
-    python merge.py                                   # newest adapter under out/, its recorded base
-    python merge.py --base base.pth --adapter out/adapter.safetensors --output merged.pth
-    python merge.py --state_only --adapter out/adapter.safetensors --output state.pth   # state tuning
-    python merge.py --format hf                       # a Hugging Face directory (transformers, rwkv7-hf)
-    python merge.py --format gguf --gguf_type q8_0    # a GGUF file (llama.cpp, Ollama)
-    python merge.py --format peft                     # the adapter unmerged, as a Hugging Face peft directory
-    python merge.py --base base.pth --format gguf     # no adapter: convert the checkpoint
+    {merge}                                   # newest adapter under out/, its recorded base
+    {merge} --base base.pth --adapter out/adapter.safetensors --output merged.pth
+    {merge} --state_only --adapter out/adapter.safetensors --output state.pth   # state tuning
+    {merge} --format hf                       # a Hugging Face directory (transformers, rwkv7-hf)
+    {merge} --format gguf --gguf_type q8_0    # a GGUF file (llama.cpp, Ollama)
+    {merge} --format peft                     # the adapter unmerged, as a Hugging Face peft directory
+    {merge} --base base.pth --format gguf     # no adapter: convert the checkpoint
 """
 
 
-def train(argv=None, prog: str = "train.py") -> int:
+def _help(text: str) -> str:
+    train = command("train")
+    torchrun = ("torchrun --nproc_per_node 4 train.py ...         # or: deepspeed train.py ..."
+                if train.startswith("python ") else f"torchrun --no-python --nproc_per_node 4 {train} ...")
+    return text.format(train=train, merge=command("merge"), torchrun=torchrun)
+
+
+def train(argv=None, prog: str | None = None) -> int:
     """The training command (train.py, rwkv-peft-train)."""
-    return run_command(lambda argv: _train(argv, prog), argv)
+    return run_command(lambda argv: _train(argv, prog or command_prog("train")), argv)
 
 
 def _train(argv, prog: str) -> None:
-    args = parse_args(argv, prog=prog, description=TRAIN_HELP)  # --help exits here, before the heavy imports
+    args = parse_args(argv, prog=prog, description=_help(TRAIN_HELP))  # --help exits here, before the heavy imports
     from .train.trainer import train as run_training
 
     run_training(args)
 
 
-def merge(argv=None, prog: str = "merge.py") -> int:
+def merge(argv=None, prog: str | None = None) -> int:
     """The merge command (merge.py, rwkv-peft-merge)."""
-    return run_command(lambda argv: _merge(argv, prog), argv)
+    return run_command(lambda argv: _merge(argv, prog or command_prog("merge")), argv)
 
 
 def _merge(argv, prog: str) -> None:
     from .export.run import export_files
     from .peft.merge import newest_adapter, write_state_only
 
-    p = argparse.ArgumentParser(prog=prog, description=MERGE_HELP,
+    p = argparse.ArgumentParser(prog=prog, description=_help(MERGE_HELP),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", help="the base checkpoint, .pth or .safetensors (default: the one the adapter was "
                                   "trained on)")
@@ -59,7 +67,7 @@ def _merge(argv, prog: str) -> None:
                    help="skip running base+adapter and merged on a probe sequence (needs two fp32 copies in RAM)")
     p.add_argument("--state_only", action="store_true",
                    help="write only the learned initial state (--train_parts state) as a state file (default: "
-                        "state.pth beside the adapter), to use beside the unchanged base: chat.py --state FILE")
+                        "state.pth beside the adapter), to use beside the unchanged base: chat --state FILE")
     p.add_argument("--format", help="pth | safetensors | hf (a Hugging Face directory) | gguf (llama.cpp) | peft "
                                     "(the adapter unmerged, a Hugging Face peft directory); default: from --output's "
                                     "name, else pth. With --base and no --adapter: convert the base")
@@ -78,4 +86,4 @@ def _merge(argv, prog: str) -> None:
                           gguf_type=args.gguf_type, verify=not args.no_verify,
                           lora_alpha=args.lora_alpha, pissa_init=args.pissa_init)
     if output.endswith((".pth", ".safetensors")):  # the other exports print their own next step
-        print(f"next: python demo/chat.py --model {output}")
+        print(f"next: {command('chat')} --model {output}")

@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 from .assets import DEMO_HELDOUT
-from .cli import HelpFormatter, add_foreign_adapter_flags, add_op_flag, run_command
+from .cli import (HelpFormatter, add_foreign_adapter_flags, add_op_flag, checked, non_negative, parse_checked,
+                  positive, prog, run_command, usable_device)
 from .errors import RWKVPeftError
 from .io import atomic_write
 from .model import wkv_dispatch
@@ -38,7 +39,7 @@ from .scoring import heldout_loss, read_records, task_items, task_score
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m rwkv_peft.eval", description=__doc__, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(prog=prog("eval"), description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", help="checkpoint to evaluate; with --adapter, the base the adapters run on "
                                    "(default: the base recorded in the first adapter)")
     p.add_argument("--adapter", nargs="+", default=[], help="adapter file(s), each evaluated on --model")
@@ -48,15 +49,19 @@ def parse_args(argv=None):
     p.add_argument("--data", default=str(DEMO_HELDOUT), help="chat .jsonl ({\"messages\": [...]}, optional "
                                                              "\"answer\")")
     p.add_argument("--tokenizer", default="auto", help="'world', a tokenizer.json, or auto (as demo/chat.py)")
-    p.add_argument("--ctx_len", type=int, default=512, help="tokens per record for the loss (longer: cut)")
-    p.add_argument("--max_tokens", type=int, default=64, help="longest greedy reply for the task score")
-    p.add_argument("--show", type=int, default=0, help="print this many replies per model")
+    p.add_argument("--ctx_len", type=checked(int, positive), default=512,
+                   help="tokens per record for the loss (longer: cut)")
+    p.add_argument("--max_tokens", type=checked(int, positive), default=64,
+                   help="longest greedy reply for the task score")
+    p.add_argument("--show", type=checked(int, non_negative), default=0, help="print this many replies per model")
     p.add_argument("--json", help="also write the results to this file")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=checked(str, usable_device),
+                   default="cuda" if torch.cuda.is_available() else "cpu")
     add_op_flag(p)
-    p.add_argument("--threads", type=int, help="CPU threads (default: 1 for models under 20M parameters)")
+    p.add_argument("--threads", type=checked(int, positive),
+                   help="CPU threads (default: 1 for models under 20M parameters)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
-    return p.parse_args(argv)
+    return parse_checked(p, argv)
 
 
 def adapter_info(model, adapter) -> tuple[str, int]:

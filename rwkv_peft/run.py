@@ -14,7 +14,7 @@ import sys
 import torch
 
 from .assets import DEMO_BASE
-from .cli import add_op_flag, run_command
+from .cli import add_op_flag, checked, command, parse_checked, positive, prog, run_command, usable_device
 from .data.tokenizer import tokenizer_for
 from .errors import RWKVPeftError
 from .generate import Sampling, generate_text
@@ -23,21 +23,20 @@ from .model import wkv_dispatch
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m rwkv_peft.run", description=__doc__,
+    p = argparse.ArgumentParser(prog=prog("run"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(DEMO_BASE), help="RWKV-6/7 checkpoint, .pth or .safetensors "
                                                            "(default: the embedded demo base)")
     p.add_argument("--prompt", default="The Eiffel tower is in the city of", help="text to continue")
-    p.add_argument("--tokens", type=int, default=24, help="number of tokens to generate (default 24)")
+    p.add_argument("--tokens", type=checked(int, positive), default=24,
+                   help="number of tokens to generate (default 24)")
     p.add_argument("--tokenizer", default="auto", help="'world', a Hugging Face tokenizer.json, or auto (default: "
                                                        "as demo/chat.py chooses)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="compute dtype (default fp32)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=checked(str, usable_device),
+                   default="cuda" if torch.cuda.is_available() else "cpu")
     add_op_flag(p)
-    args = p.parse_args(argv)
-    if args.tokens <= 0:
-        p.error("--tokens must be positive")
-    return args
+    return parse_checked(p, argv)
 
 
 def main(argv=None) -> int:
@@ -64,8 +63,8 @@ def _command(argv) -> None:
     print(args.prompt + result.text)
     print(f"\n[{len(prompt)} prompt + {len(result.tokens)} generated tokens in "
           f"{result.prefill_s + result.decode_s:.2f} s]")
-    print("next: fine-tune it with `python train.py --load_model FILE --data_file DATA`, or chat with "
-          "`python demo/chat.py --model FILE`")
+    print(f"next: fine-tune it with `{command('train')} --load_model FILE --data_file DATA`, or chat with "
+          f"`{command('chat')} --model FILE`")
 
 
 if __name__ == "__main__":

@@ -78,6 +78,13 @@ def task_items(records: list[dict], tokenizer) -> list[dict]:
     return items
 
 
+def expected_reply(item: dict, width: int = 80) -> str:
+    """What a reply must be to hit: the record's answer somewhere in it, else exactly the message."""
+    if item["answer"] is not None:
+        return f"a reply containing {item['answer'][:width]!r}"
+    return f"exactly {item['expected'][:width]!r} (the record has no 'answer' field)"
+
+
 def task_score(model, tokenizer, items: list[dict], max_tokens: int) -> dict:
     greedy = Sampling(temperature=0.0)
     decoder = model.decoder()  # its weight copies, built once for every item

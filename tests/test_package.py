@@ -41,9 +41,21 @@ def test_installed_package_trains_merges_and_chats_from_another_directory(tmp_pa
         assert proc.returncode == 0, f"{command}: {proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
         return proc
 
-    run("rwkv-peft-train", "--max_steps", "3", "--proj_dir", "out/run")
+    # every "next:" hint names an installed command: the checkout's train.py or merge.py are not there
+    trained = run("rwkv-peft-train", "--max_steps", "3", "--proj_dir", "out/run")
     assert json.loads((elsewhere / "out/run/summary.json").read_text())["steps"] == 3
-    assert "verify: OK" in run("rwkv-peft-merge").stdout
+    assert "next: rwkv-peft-merge --adapter out/run/adapter.safetensors" in trained.stdout
+    merged = run("rwkv-peft-merge")
+    assert "verify: OK" in merged.stdout and "next: rwkv-peft-chat --model " in merged.stdout
     reply = run("rwkv-peft-chat", "--prompt", "Hello", "--temperature", "0", "--max_tokens", "4")
     assert "out/run/merged.pth" in reply.stderr
     assert "--model" in run("rwkv-peft-eval", "--help").stdout
+    assert "next: fine-tune it with `rwkv-peft-train --load_model" in run("rwkv-peft-run", "--tokens", "2").stdout
+
+    # each command's usage and error lines name it as it was started
+    for command in ("rwkv-peft-train", "rwkv-peft-merge", "rwkv-peft-chat", "rwkv-peft-eval", "rwkv-peft-run"):
+        proc = subprocess.run([str(venv / "bin" / command), "--no_such_flag"], capture_output=True, text=True,
+                              env=env, cwd=elsewhere, timeout=300)
+        assert proc.returncode == 2 and proc.stderr.startswith(f"usage: {command} "), proc.stderr[-1000:]
+        assert f"{command}: error: unrecognized arguments: --no_such_flag" in proc.stderr
+        assert ".py" not in proc.stderr.splitlines()[0]

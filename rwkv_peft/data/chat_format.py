@@ -36,6 +36,7 @@ __all__ = [
     "RENDER_LOSS_START",
     "chat_segments",
     "encode_segments",
+    "encode_text",
     "fields_segments",
     "merge_runs",
 ]
@@ -114,13 +115,50 @@ def fields_segments(rec: dict, fields: tuple[str, str], where: str) -> list[tupl
             (CHAT_REPLY.format(values[1]), True)]
 
 
-def encode_segments(segments: Sequence[tuple[str, bool]], tokenizer) -> tuple[list[int], list[int]]:
-    """Tokenize each run separately and concatenate: (ids, per-token loss flags 0/1)."""
+def encode_segments(segments: Sequence[tuple[str, bool]], tokenizer,
+                    max_tokens: int | None = None) -> tuple[list[int], list[int]]:
+    """Tokenize each run separately and concatenate: (ids, per-token loss flags 0/1); at most
+    max_tokens of them (encode_text), so that text beyond them is never tokenized."""
     ids: list[int] = []
     mask: list[int] = []
     for text, trained in segments:
-        t = tokenizer.encode(text)
+        if max_tokens is not None and len(ids) >= max_tokens:
+            break
+        t = encode_text(text, tokenizer, None if max_tokens is None else max_tokens - len(ids))
         ids += t
         mask += [int(trained)] * len(t)
     return ids, mask
+
+
+TEXT_PIECE = 1 << 20  # characters tokenized at once: what one call of the tokenizer may cost
+
+
+def encode_text(text: str, tokenizer, max_tokens: int | None = None) -> list[int]:
+    """tokenizer.encode(text), or its first max_tokens ids. A text longer than one piece (1 Mi
+    characters, or far more than max_tokens ids can come from) is tokenized a piece at a time,
+    stopping once max_tokens ids are there: a tokenizer's memory grows with what it is given
+    (several GB for a 38 MB line), and a long record must cost no more than what is used of it.
+    Pieces end after a newline followed by a non-space character where there is one, as .txt
+    files are read (sources.py): the ids equal the whole text's; a cut inside a line of more
+    than a piece can change a token next to it."""
+    piece = TEXT_PIECE if max_tokens is None else min(TEXT_PIECE, 64 * max_tokens + 4096)
+    if len(text) <= piece:
+        ids = tokenizer.encode(text)
+        return ids if max_tokens is None else ids[:max_tokens]
+    ids, start = [], 0
+    while start < len(text) and (max_tokens is None or len(ids) < max_tokens):
+        end = len(text) if len(text) - start <= piece else _piece_end(text, start, start + piece)
+        ids += tokenizer.encode(text[start:end])
+        start = end
+    return ids if max_tokens is None else ids[:max_tokens]
+
+
+def _piece_end(text: str, start: int, end: int) -> int:
+    """Just after the last newline in text[start:end] followed by a non-space character, else end."""
+    cut = end - 1  # the newline needs a character after it
+    while (j := text.rfind("\n", start, cut)) > start:
+        if not text[j + 1].isspace():
+            return j + 1
+        cut = j
+    return end
 

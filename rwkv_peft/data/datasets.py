@@ -293,7 +293,9 @@ def load_training_data(path: str, tokenizer, ctx_len: int, *, data_type: str = "
         raise RWKVPeftError(f"{p}: sft_fields needs a .jsonl file, not plain text")
     kind = detect_jsonl_kind(p, sft_fields) if fmt == "jsonl" else "text"
 
-    files, meta, hit = cached_tokens(p, fmt, kind, tokenizer, sft_fields, cache_dir, progress)
+    # one sample per record uses its first ctx_len + 1 tokens: the rest is never tokenized
+    cap = int(ctx_len) + 1 if mode == "pad" and fmt == "jsonl" else None
+    files, meta, hit = cached_tokens(p, fmt, kind, tokenizer, sft_fields, cache_dir, progress, max_doc_tokens=cap)
     offsets = np.load(files.docs)  # 8 bytes per document, needed for random access
     return TrainingData(
         ctx_len=int(ctx_len), mode=mode, sampling="windows" if mode == "pack" else "docs",

@@ -17,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..cli import run_command
+from ..cli import command, run_command
 from ..errors import RWKVPeftError
 
 from .binidx import BinIdxWriter, token_dtype_for_vocab
@@ -103,7 +103,7 @@ def _command(argv: list[str]) -> None:
     print(f"wrote {info['bin']} ({info['tokens']:,} tokens, {info['dtype']}) and {info['idx']} "
           f"({info['documents']:,} documents)")
     tok = "" if str(args.tokenizer).lower() == "world" else f" --tokenizer {args.tokenizer}"
-    print(f"next: python train.py --data_file {out} --data_type binidx{tok}")
+    print(f"next: {command('train')} --data_file {out} --data_type binidx{tok}")
 
 
 if __name__ == "__main__":

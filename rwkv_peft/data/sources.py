@@ -30,23 +30,24 @@ from typing import Iterator
 from rwkv_peft.errors import RWKVPeftError
 
 from .binidx import binidx_paths
-from .chat_format import chat_segments, encode_segments, fields_segments
+from .chat_format import chat_segments, encode_segments, encode_text, fields_segments
 
-__all__ = ["detect_jsonl_kind", "iter_documents", "iter_jsonl", "resolve_data_type"]
+__all__ = ["DATA_TYPES", "detect_jsonl_kind", "iter_documents", "iter_jsonl", "resolve_data_type"]
 
 _TEXT_CHUNK = 1 << 20
 _MAX_LINE_CHUNK = 16 << 20
-_DATA_TYPES = {"auto": "auto", "txt": "txt", "text": "txt", "jsonl": "jsonl",
-               "json": "jsonl", "binidx": "binidx"}
+# every data_type name accepted (train.py's --data_type offers exactly these) and what it means
+DATA_TYPES = {"auto": "auto", "txt": "txt", "text": "txt", "jsonl": "jsonl",
+              "json": "jsonl", "binidx": "binidx"}
 
 
 def resolve_data_type(path: str | os.PathLike, data_type: str = "auto") -> tuple[str, Path]:
     """("txt" | "jsonl" | "binidx", path) for a data path; RWKVPeftError if it cannot be used."""
     key = str(data_type).strip().lower()
-    if key not in _DATA_TYPES:
+    if key not in DATA_TYPES:
         raise RWKVPeftError(
             f"unknown data_type {data_type!r}: use auto, txt, jsonl or binidx")
-    kind = _DATA_TYPES[key]
+    kind = DATA_TYPES[key]
     p = Path(path)
     bin_p, idx_p = binidx_paths(p)
     if kind == "auto":
@@ -165,12 +166,14 @@ def _iter_text_chunks(path: Path) -> Iterator[tuple[str, int]]:
 
 
 def iter_documents(path: Path, fmt: str, kind: str, tokenizer,
-                   sft_fields: tuple[str, str] | None = None
+                   sft_fields: tuple[str, str] | None = None, max_tokens: int | None = None
                    ) -> Iterator[tuple[list[int], list[int] | None, bool, int]]:
     """Tokenized pieces of a txt/jsonl file: (ids, mask or None, ends_document, bytes read).
 
     Documents carry no eos here; the caller appends it. mask is None for plain text (all
-    targets count). Empty documents are skipped (yielded with no ids).
+    targets count). Empty documents are skipped (yielded with no ids). max_tokens: a record's
+    first max_tokens ids only, for readers that use no more of it (one sample per record: its
+    tokens up to ctx_len + 1); the rest of a long record is never tokenized (encode_text).
     """
     if fmt == "txt":
         for text, nbytes in _iter_text_chunks(path):
@@ -184,7 +187,7 @@ def iter_documents(path: Path, fmt: str, kind: str, tokenizer,
             continue
         where = f"{path} line {lineno}"
         if kind == "fields":
-            ids, mask = encode_segments(fields_segments(rec, sft_fields, where), tokenizer)
+            ids, mask = encode_segments(fields_segments(rec, sft_fields, where), tokenizer, max_tokens)
             yield ids, mask, True, nbytes
             continue
         if field not in rec:
@@ -192,10 +195,10 @@ def iter_documents(path: Path, fmt: str, kind: str, tokenizer,
                 f"{where}: record has no {field!r} field (the first record set the file's kind "
                 f"to {kind}; this one has {sorted(rec)[:8]}); fix or remove the line")
         if kind == "chat":
-            ids, mask = encode_segments(chat_segments(rec["messages"], where), tokenizer)
+            ids, mask = encode_segments(chat_segments(rec["messages"], where), tokenizer, max_tokens)
             yield ids, mask, True, nbytes
         else:
             text = rec["text"]
             if not isinstance(text, str):
                 raise RWKVPeftError(f"{where}: 'text' must be a string, got {type(text).__name__}")
-            yield tokenizer.encode(text), None, True, nbytes
+            yield encode_text(text, tokenizer, max_tokens), None, True, nbytes

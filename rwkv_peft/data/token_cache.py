@@ -180,7 +180,7 @@ class _StreamWriter:
 
 
 def _build_cache(path: Path, fmt: str, kind: str, tokenizer, sft_fields, files: CacheFiles,
-                 meta: dict, progress: bool) -> dict:
+                 meta: dict, progress: bool, max_doc_tokens: int | None = None) -> dict:
     from tqdm import tqdm
 
     vocab = int(tokenizer.vocab_size)
@@ -194,7 +194,7 @@ def _build_cache(path: Path, fmt: str, kind: str, tokenizer, sft_fields, files: 
                desc=f"tokenizing {path.name}", disable=not progress, leave=False)
     try:
         line = 0
-        for ids, mask, ends, nbytes in iter_documents(path, fmt, kind, tokenizer, sft_fields):
+        for ids, mask, ends, nbytes in iter_documents(path, fmt, kind, tokenizer, sft_fields, max_doc_tokens):
             line += 1
             if ids:
                 top = max(ids)
@@ -239,14 +239,18 @@ def _build_cache(path: Path, fmt: str, kind: str, tokenizer, sft_fields, files: 
 
 
 def cached_tokens(path: Path, fmt: str, kind: str, tokenizer, sft_fields: tuple[str, str] | None,
-                  cache_dir: str | None = None, progress: bool = True) -> tuple[CacheFiles, dict, bool]:
+                  cache_dir: str | None = None, progress: bool = True,
+                  max_doc_tokens: int | None = None) -> tuple[CacheFiles, dict, bool]:
     """(files, metadata, reused) of the token cache of a txt/jsonl file, tokenizing it first
-    when no matching cache exists (see the module docstring)."""
+    when no matching cache exists (see the module docstring). max_doc_tokens: keep only the
+    first ids of each .jsonl record (sources.iter_documents), a cache of its own."""
     path = path.resolve()
     st = path.stat()
     settings = {"format": CACHE_FORMAT, "tokenizer": tokenizer_fingerprint(tokenizer),
                 "data_type": fmt, "kind": kind, "sft_fields": list(sft_fields or []),
                 "template": list(CHAT_TEMPLATE)}
+    if max_doc_tokens is not None:  # absent otherwise: the caches made before it stay valid
+        settings["max_doc_tokens"] = max_doc_tokens
     settings_key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     ident = {"settings": settings_key, "source": str(path), "size": st.st_size,
              "mtime_ns": st.st_mtime_ns}
@@ -270,4 +274,4 @@ def cached_tokens(path: Path, fmt: str, kind: str, tokenizer, sft_fields: tuple[
         warnings.warn(f"{preferred} is not writable; caching tokens in {fallback}")
         directory = fallback
     files = CacheFiles(directory, path.name, key)
-    return files, _build_cache(path, fmt, kind, tokenizer, sft_fields, files, meta0, progress), False
+    return files, _build_cache(path, fmt, kind, tokenizer, sft_fields, files, meta0, progress, max_doc_tokens), False

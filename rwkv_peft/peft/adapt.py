@@ -259,6 +259,8 @@ def trainable_summary(model: RWKV, methods: dict[str, PeftMethod], parts: dict[s
         rows.append((f"{len(parts) - len(states)} whole tensors (--train_parts)", "full", "",
                      f"{sum(p.numel() for k, p in parts.items() if k not in states):,}"))
     total = sum(p.numel() for p in model.parameters())
+    # a quantized frozen weight is a buffer, not a parameter: it counts by its elements, as unquantized
+    total += sum(w.shape[0] * w.shape[1] for w in model.modules() if isinstance(w, QuantizedWeight))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))

@@ -11,6 +11,7 @@ from typing import Mapping
 import torch
 from tqdm import tqdm
 
+from ..cli import command
 from ..errors import RWKVPeftError
 from .load import load_model
 from ..model.time_state import is_state_key, state_parts
@@ -155,5 +156,5 @@ def write_state_only(adapter_path: str, output: str | None, base: str | None = N
             "merge without --state_only to keep them")
     save_state_file(output, states, version)
     log(f"wrote {output}: the initial state of {len(states)} layers")
-    log(f"next: python demo/chat.py --model {base or (adapter.base or {}).get('path') or 'BASE.pth'} --state {output}")
+    log(f"next: {command('chat')} --model {base or (adapter.base or {}).get('path') or 'BASE.pth'} --state {output}")
     return output

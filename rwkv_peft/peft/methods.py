@@ -19,24 +19,28 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..cli import fraction, non_negative, positive
 from ..errors import RWKVPeftError
 from .quant import frozen_linear
 
 
 @dataclass(frozen=True)
 class Flag:
-    """A train.py flag (--{flag}) that sets the keyword `keyword` of a method's constructor."""
+    """A train.py flag (--{flag}) that sets the keyword `keyword` of a method's constructor.
+    check(value) says what is wrong with a value (e.g. "must be positive"), None if it is fine:
+    train.py refuses a bad value before anything starts."""
 
     flag: str
     keyword: str
     default: Any
     help: str
+    check: Callable[[Any], str | None] = non_negative
 
 
 class PeftMethod(nn.Module):
@@ -100,9 +104,9 @@ class LoRA(PeftMethod):
     """y = W x + (alpha / r) B A x;  A [r, in] Kaiming-uniform, B [out, r] zeros."""
 
     name = "lora"
-    flags = (Flag("lora_r", "r", 32, "LoRA rank"),
-             Flag("lora_alpha", "alpha", 32.0, "LoRA alpha (scale = alpha / r)"),
-             Flag("lora_dropout", "dropout", 0.0, "LoRA dropout"))
+    flags = (Flag("lora_r", "r", 32, "LoRA rank", positive),
+             Flag("lora_alpha", "alpha", 32.0, "LoRA alpha (scale = alpha / r)", positive),
+             Flag("lora_dropout", "dropout", 0.0, "LoRA dropout", fraction))
 
     def __init__(self, in_features, out_features, r, alpha: float | None = None, dropout: float = 0.0):
         super().__init__(in_features, out_features, r)
@@ -142,8 +146,9 @@ class PiSSA(LoRA):
     """
 
     name = "pissa"
-    flags = (Flag("pissa_r", "r", 32, "PiSSA rank"),
-             Flag("svd_niter", "svd_niter", 4, "PiSSA randomized SVD iterations (0 = exact full SVD)"),
+    flags = (Flag("pissa_r", "r", 32, "PiSSA rank", positive),
+             Flag("svd_niter", "svd_niter", 4, "PiSSA randomized SVD iterations (0 = exact full SVD)",
+                  non_negative),
              LoRA.flags[2])  # --lora_dropout
     frozen_weight_from_tensors = True
 
@@ -189,7 +194,7 @@ class Bone(PeftMethod):
     """
 
     name = "bone"
-    flags = (Flag("bone_r", "r", 64, "Bone block size"),)
+    flags = (Flag("bone_r", "r", 64, "Bone block size", positive),)
 
     def __init__(self, in_features, out_features, r):
         super().__init__(in_features, out_features, r)
@@ -224,7 +229,7 @@ class Bat(PeftMethod):
     """
 
     name = "bat"
-    flags = (Flag("bat_r", "r", 64, "Bat block size (must divide every adapted layer's dimensions)"),)
+    flags = (Flag("bat_r", "r", 64, "Bat block size (must divide every adapted layer's dimensions)", positive),)
 
     def __init__(self, in_features, out_features, r):
         super().__init__(in_features, out_features, r)

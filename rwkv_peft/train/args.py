@@ -8,9 +8,13 @@ flags of the PEFT methods (--lora_r, --bone_r, ...) come from the methods themse
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass, field, fields, make_dataclass
 
-from ..cli import HelpFormatter
+import torch
+
+from ..cli import HelpFormatter, fraction, non_negative, positive, value_problem
+from ..data.sources import DATA_TYPES
 from ..errors import RWKVPeftError
 from ..peft.methods import METHODS, method_flags
 
@@ -20,8 +24,14 @@ STRATEGIES = ("deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_2_offlo
               "deepspeed_stage_3", "deepspeed_stage_3_offload")
 
 
-def opt(default, help, group="training", **kw):
-    return field(default=default, metadata={"help": help, "group": group, **kw})
+def opt(default, help, group="training", check=None, **kw):
+    """A field of TrainArgs: its default, help, --help group, argparse keywords and, for a number,
+    check: its range (cli.positive, ...), which check_args applies."""
+    return field(default=default, metadata={"help": help, "group": group, "check": check, **kw})
+
+
+def held_out_fraction(v) -> str | None:
+    return None if v == 0 or 0 < v <= 0.5 else "must be a fraction in (0, 0.5]"
 
 
 @dataclass(frozen=True)
@@ -31,15 +41,17 @@ class _Options:
                                        "(default: the embedded demo base "
                                        "when no --data_file is given; omit with --n_layer/--n_embd to train from scratch)",
                                  "model")
-    n_layer: int = opt(0, "layers of a new RWKV-7 trained from scratch (with --n_embd)", "model")
-    n_embd: int = opt(0, "width of a new RWKV-7 trained from scratch", "model")
-    head_size: int = opt(64, "head size of a new model", "model")
-    vocab_size: int | None = opt(None, "vocabulary of a new model (default: the tokenizer's)", "model")
+    n_layer: int = opt(0, "layers of a new RWKV-7 trained from scratch (with --n_embd)", "model",
+                       check=non_negative)
+    n_embd: int = opt(0, "width of a new RWKV-7 trained from scratch", "model", check=non_negative)
+    head_size: int = opt(64, "head size of a new model", "model", check=positive)
+    vocab_size: int | None = opt(None, "vocabulary of a new model (default: the tokenizer's)", "model",
+                                 check=positive)
     # data
     data_file: str | None = opt(None, "training data: .jsonl (text or chat/SFT), .txt, or a binidx prefix "
                                       "(default: the embedded demo data set)", "data")
-    data_type: str = opt("auto", "auto (from the extension), text, jsonl, sft, binidx", "data",
-                         choices=("auto", "text", "jsonl", "sft", "binidx"))
+    data_type: str = opt("auto", "auto (from the extension), text (txt), jsonl (json: text, chat or --sft_fields "
+                                 "records), binidx", "data", choices=tuple(DATA_TYPES))
     sft_fields: list[str] | None = opt(None, "question and answer fields of SFT jsonl records, e.g. query response",
                                        "data", nargs=2)
     data_mode: str = opt("pack", "pack short samples into full windows, or pad each to ctx_len", "data",
@@ -47,19 +59,21 @@ class _Options:
     tokenizer: str = opt("auto", "'world', a Hugging Face tokenizer.json, or auto: the demo's tokenizer.json for a "
                                  "model of its vocabulary size, the World tokenizer for 65536 (and for new models)",
                          "data")
-    ctx_len: int = opt(512, "tokens per sample", "data")
+    ctx_len: int = opt(512, "tokens per sample", "data", check=positive)
     # validation
     val_file: str | None = opt(None, "held-out data in any training format: its loss is computed every "
                                      "--eval_every steps and at the end", "validation")
     val_split: float = opt(0.0, "hold out this fraction (0 < F <= 0.5) of the .jsonl records of --data_file, "
-                                "chosen from --random_seed and never trained on", "validation")
+                                "chosen from --random_seed and never trained on", "validation",
+                            check=held_out_fraction)
     eval_every: int = opt(0, "validation loss every N steps (0: only at the end); needs --val_file or "
-                             "--val_split", "validation")
+                             "--val_split", "validation", check=non_negative)
     eval_generate: int = opt(0, "also answer the first K held-out chat records greedily and log the task "
-                                "score, as rwkv_peft.eval does", "validation")
+                                "score, as rwkv_peft.eval does", "validation", check=non_negative)
     save_best: bool = opt(False, "keep adapter-best.safetensors (model-best.pth for --peft full) of the lowest "
                                  "validation loss", "validation")
-    early_stop: int = opt(0, "stop after P evaluations without a lower validation loss (0: never)", "validation")
+    early_stop: int = opt(0, "stop after P evaluations without a lower validation loss (0: never)", "validation",
+                          check=non_negative)
     # PEFT
     peft: str | None = opt(None, f"method for the default target layers: {', '.join(METHODS)}, or full (every "
                                  "weight; 'none' is the same when no --peft_rules/--train_parts are given) "
@@ -77,41 +91,44 @@ class _Options:
     quant_targets: str = opt("adapted", "with --quant: the weights of the adapted layers, or all (every frozen "
                                         "linear layer, the head included)", "peft", choices=("adapted", "all"))
     state_lr: float | None = opt(None, f"peak learning rate of the learned state (--train_parts state), on the "
-                                       f"schedule of --lr_init (default {STATE_LR:g})", "peft")
+                                       f"schedule of --lr_init (default {STATE_LR:g})", "peft", check=positive)
     # objective (train/objectives.py; README "Objectives")
     objective: str = opt("sft", "what to train for: sft (next-token loss on the replies), or preference tuning on "
                                 "prompt/chosen/rejected .jsonl records: dpo (against the reference: the model with "
                                 "its adapters off), simpo or orpo (no reference)", "objective",
                          choices=("sft", "dpo", "simpo", "orpo"))
-    beta: float | None = opt(None, "DPO / SimPO temperature beta (default: 0.1 for dpo, 2.0 for simpo)", "objective")
-    gamma: float = opt(0.5, "SimPO target reward margin gamma", "objective")
-    orpo_lambda: float = opt(0.1, "ORPO weight lambda of the odds-ratio term beside the SFT loss", "objective")
+    beta: float | None = opt(None, "DPO / SimPO temperature beta (default: 0.1 for dpo, 2.0 for simpo)", "objective",
+                             check=positive)
+    gamma: float = opt(0.5, "SimPO target reward margin gamma", "objective", check=non_negative)
+    orpo_lambda: float = opt(0.1, "ORPO weight lambda of the odds-ratio term beside the SFT loss", "objective",
+                              check=non_negative)
     init_adapter: str | None = opt(None, "start from this trained adapter file (e.g. an SFT run's "
                                          "adapter.safetensors) instead of fresh adapters; its method and ranks are "
                                          "kept, and the new adapter file records it", "objective")
     # optimisation
-    max_steps: int = opt(0, "optimizer steps to run (0: --epochs over the data)")
-    epochs: float = opt(1.0, "passes over the data when --max_steps is 0")
-    micro_bsz: int = opt(1, "samples per micro batch per process")
-    accumulate_grad_batches: int = opt(1, "micro batches per optimizer step")
-    lr_init: float | None = opt(None, f"peak learning rate (default {LR_INIT:g}; the embedded demo: 1e-3)")
-    lr_final: float = opt(1e-5, "learning rate at the end of the schedule")
+    max_steps: int = opt(0, "optimizer steps to run (0: --epochs over the data)", check=non_negative)
+    epochs: float = opt(1.0, "passes over the data when --max_steps is 0", check=non_negative)
+    micro_bsz: int = opt(1, "samples per micro batch per process", check=positive)
+    accumulate_grad_batches: int = opt(1, "micro batches per optimizer step", check=positive)
+    lr_init: float | None = opt(None, f"peak learning rate (default {LR_INIT:g}; the embedded demo: 1e-3)",
+                                check=positive)
+    lr_final: float = opt(1e-5, "learning rate at the end of the schedule", check=non_negative)
     warmup_steps: int | None = opt(None, "linear warm-up steps (default: 10, or a tenth of a run shorter than "
-                                         "100 steps)")
+                                         "100 steps)", check=non_negative)
     lr_schedule: str = opt("cos", "cos, wsd (warm-up, stable, decay over the last 20%%), or const",
                            choices=("cos", "wsd", "const"))
-    weight_decay: float = opt(0.0, "AdamW weight decay (matrices only)")
-    beta1: float = opt(0.9, "AdamW beta1")
-    beta2: float = opt(0.99, "AdamW beta2")
-    adam_eps: float = opt(1e-8, "AdamW epsilon")
-    grad_clip: float = opt(1.0, "gradient norm clipping (0: off)")
+    weight_decay: float = opt(0.0, "AdamW weight decay (matrices only)", check=non_negative)
+    beta1: float = opt(0.9, "AdamW beta1", check=fraction)
+    beta2: float = opt(0.99, "AdamW beta2", check=fraction)
+    adam_eps: float = opt(1e-8, "AdamW epsilon", check=positive)
+    grad_clip: float = opt(1.0, "gradient norm clipping (0: off)", check=non_negative)
     precision: str = opt("auto", "auto (bf16 on GPUs, fp32 on CPUs, where bf16 matmuls are slow), bf16, fp16 or "
                                  "fp32", choices=("auto", "bf16", "fp16", "fp32"))
     skip_nonfinite: int = opt(0, "micro batches with a non-finite loss that may be skipped before the run "
-                                 "stops (0: stop at the first)")
+                                 "stops (0: stop at the first)", check=non_negative)
     grad_cp: int | None = opt(None, "1: gradient checkpointing per block (less memory, ~30%% more compute; on "
                                     "CPUs 1.1-1.2x the step time). Default: 1 when training a model of 20M+ "
-                                    "parameters on the CPU, else 0", choices=(0, 1))
+                                    "parameters on the CPU, else 0", choices=(0, 1), check=None)
     cpu_malloc: str = opt("auto", "CPU runs: compact fixes glibc's mmap threshold so that freed activations "
                                   "leave the resident set (0.1B model, ctx 512: 1-1.7 GB less, steps 1.5-1.8x "
                                   "slower), default leaves malloc alone; auto: compact for models of 20M+ "
@@ -126,19 +143,19 @@ class _Options:
                           "or torch", choices=("auto", "cuda", "torch"))
     strategy: str = opt("deepspeed_stage_1", "DeepSpeed ZeRO strategy", choices=STRATEGIES)
     deepspeed_config: str | None = opt(None, "your own DeepSpeed JSON; it wins over the flags it sets")
-    random_seed: int = opt(42, "seed for initialisation, data order and dropout")
+    random_seed: int = opt(42, "seed for initialisation, data order and dropout", check=non_negative)
     # output
     proj_dir: str | None = opt(None, "where the run writes (default: a new out/run-<time>/)", "output")
     save_every: int = opt(0, "save an adapter and a resumable checkpoint every N steps (0: only at the end)",
-                          "output")
-    keep_last: int = opt(2, "resumable checkpoints to keep", "output")
+                          "output", check=non_negative)
+    keep_last: int = opt(2, "resumable checkpoints to keep", "output", check=positive)
     model_format: str = opt("pth", "file format of a fully trained model (--peft full or from scratch): pth "
                                    "(model.pth, what official runtimes load) or safetensors (model.safetensors)",
                             "output", choices=("pth", "safetensors"))
     resume: str | None = opt(None, "continue a run: 'latest' (or no value) or a checkpoint directory", "output",
                              nargs="?", const="latest")
     stop_at_step: int = opt(0, "save a checkpoint and stop at this step, keeping the schedule of --max_steps "
-                               "(for time-limited jobs; continue with --resume)", "output")
+                               "(for time-limited jobs; continue with --resume)", "output", check=non_negative)
     report_to: list[str] = opt((), "also log to: tensorboard (event files in <proj_dir>/tensorboard), wandb "
                                    "(set WANDB_MODE=offline to keep it local)", "output", nargs="*",
                                choices=("tensorboard", "wandb"))
@@ -147,7 +164,7 @@ class _Options:
     debug: bool = opt(False, "show Python tracebacks", "output")
 
 
-TrainArgs = make_dataclass("TrainArgs", [(f.flag, type(f.default), opt(f.default, f.help, "peft"))
+TrainArgs = make_dataclass("TrainArgs", [(f.flag, type(f.default), opt(f.default, f.help, "peft", f.check))
                                         for f in method_flags()], bases=(_Options,), frozen=True)
 TrainArgs.__doc__ = "The parsed train.py flags: _Options plus every PEFT method's own flags."
 GROUPS = ("model", "data", "validation", "peft", "objective", "training", "output")
@@ -167,6 +184,7 @@ def build_parser(prog: str = "train.py", description: str | None = None) -> argp
     for f in ordered_fields():
         meta = dict(f.metadata)
         group, help_text = meta.pop("group"), meta.pop("help")
+        meta.pop("check")
         kw = {"default": f.default, "help": help_text, **meta}
         type_name = f.type if isinstance(f.type, str) else f.type.__name__
         if type_name == "bool":
@@ -190,24 +208,15 @@ def parse_args(argv=None, prog: str = "train.py", description: str | None = None
 
 
 def check_args(args: TrainArgs) -> None:
-    """Values argparse cannot check, each as one line naming the flag."""
-    positive = ("ctx_len", "micro_bsz", "accumulate_grad_batches", "keep_last")
-    for name in positive:
-        if getattr(args, name) <= 0:
-            raise RWKVPeftError(f"--{name} must be positive, got {getattr(args, name)}")
-    for name in ("max_steps", "stop_at_step", "skip_nonfinite", "save_every", "warmup_steps", "weight_decay",
-                 "grad_clip", "lr_final", "vocab_size"):
-        if (getattr(args, name) or 0) < 0:
-            raise RWKVPeftError(f"--{name} must not be negative, got {getattr(args, name)}")
-    for name in ("lr_init", "state_lr"):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            raise RWKVPeftError(f"--{name} must be positive, got {getattr(args, name)}")
+    """Values argparse cannot check, each as one line naming the flag: every number finite and in
+    the range its field declares (check=), then how the flags go together."""
+    for f in fields(TrainArgs):
+        problem = value_problem(getattr(args, f.name), f.metadata["check"])
+        if problem:
+            raise RWKVPeftError(f"--{f.name} {problem}, got {getattr(args, f.name)}")
     if args.max_steps == 0 and args.epochs <= 0:
         raise RWKVPeftError("give --max_steps N or a positive --epochs")
-    for flag in method_flags():
-        if flag.keyword == "r" and getattr(args, flag.flag) <= 0:
-            raise RWKVPeftError(f"--{flag.flag} must be positive, got {getattr(args, flag.flag)}")
-    if args.chunk_ctx < 0 or args.chunk_ctx > args.ctx_len:
+    if args.chunk_ctx < 0 or args.chunk_ctx > args.ctx_len:  # a range that depends on --ctx_len
         raise RWKVPeftError(f"--chunk_ctx must be between 1 and --ctx_len ({args.ctx_len}), or 0 for off; "
                             f"got {args.chunk_ctx}")
     if args.chunk_detach and not args.chunk_ctx:
@@ -217,11 +226,7 @@ def check_args(args: TrainArgs) -> None:
     has_val = bool(args.val_file or args.val_split)
     if args.val_file and args.val_split:
         raise RWKVPeftError("give either --val_file or --val_split, not both")
-    if args.val_split and not 0 < args.val_split <= 0.5:
-        raise RWKVPeftError(f"--val_split must be a fraction in (0, 0.5], got {args.val_split}")
     for name in ("eval_every", "eval_generate", "early_stop"):
-        if getattr(args, name) < 0:
-            raise RWKVPeftError(f"--{name} must not be negative, got {getattr(args, name)}")
         if getattr(args, name) and not has_val:
             raise RWKVPeftError(f"--{name} needs held-out data: add --val_file FILE or --val_split 0.05")
     if args.save_best and not has_val:
@@ -229,6 +234,31 @@ def check_args(args: TrainArgs) -> None:
     check_quant_args(args)
     if args.n_layer and args.load_model:
         raise RWKVPeftError("give either --load_model (fine-tune) or --n_layer/--n_embd (from scratch), not both")
+
+
+def process_memory() -> int:
+    """Bytes of memory one training process can have: its GPU's, or its share of the RAM."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", 0))).total_memory
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return ram // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+
+
+def check_fits_memory(args: TrainArgs, n_layer: int, n_embd: int, available: int | None = None) -> None:
+    """Refuse a --ctx_len x --micro_bsz whose activations cannot fit this machine, before anything is
+    written. A lower bound, so a run that could fit is never refused: backward keeps at least
+    each block's input ([micro_bsz, tokens, n_embd]: --grad_cp 1 keeps exactly that), for one
+    piece of --chunk_ctx tokens at a time, and the batch's ids, targets and mask (20 bytes a token)."""
+    available = process_memory() if available is None else available
+    piece = args.chunk_ctx or args.ctx_len
+    width = 2 if args.precision in ("bf16", "fp16") else 4
+    need = args.micro_bsz * (piece * (n_layer + 1) * n_embd * width + args.ctx_len * 20)
+    if need > available:
+        gib = 2**30
+        raise RWKVPeftError(f"--ctx_len {args.ctx_len} x --micro_bsz {args.micro_bsz} needs at least "
+                            f"{need / gib:,.1f} GiB for activations ({n_layer} layers x {n_embd} wide, "
+                            f"{args.precision}), more than the {available / gib:,.1f} GiB one process has here; "
+                            "lower --ctx_len or --micro_bsz, or train in pieces with --chunk_ctx N")
 
 
 QUANT_CHOICES = ("none", "nf4", "int8")

@@ -109,10 +109,12 @@ def resume(engine, path: Path, run, global_batch: int, validation) -> Progress:
     if state.get("global_batch") != global_batch:
         raise RWKVPeftError(f"--resume: the checkpoint was trained with a global batch of "
                             f"{state.get('global_batch')} samples, this run has {global_batch}")
+    rebuilt = [name for name, method in run.methods.items() if method.frozen_weight_from_tensors]
+    base = run.base_weights([f"{name}.weight" for name in rebuilt]) if rebuilt else {}
     with torch.no_grad():  # PiSSA keeps W - B0 A0 frozen; B0, A0 came back with the checkpoint
         for name, method in run.methods.items():
             if method.frozen_weight_from_tensors:
-                frozen = method.frozen_weight(run.base_sd[f"{name}.weight"].float())
+                frozen = method.frozen_weight(base[f"{name}.weight"].float())
                 set_frozen_weight(engine.module.get_submodule(name), frozen)
     validation.load_state(state.get("validation"))
     return Progress(state["step"], state.get("elapsed_s", 0.0), state.get("segment", 1) + 1)

@@ -91,6 +91,7 @@ def deepspeed_config(args: TrainArgs, world_size: int) -> dict:
             raise RWKVPeftError(f"--deepspeed_config {path}: remove 'optimizer'/'scheduler'; the trainer builds "
                                 "AdamW and the schedule from --lr_init/--lr_schedule")
         config = _merge(config, user)
+        check_with_deepspeed(config, path)
         mb, ga = config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"]
         if config.get("train_batch_size", mb * ga * world_size) != mb * ga * world_size:
             raise RWKVPeftError(f"--deepspeed_config {path}: train_batch_size {config['train_batch_size']} != "
@@ -100,6 +101,36 @@ def deepspeed_config(args: TrainArgs, world_size: int) -> dict:
         # on a CPU-only machine the optimizer is on the CPU anyway: torch's AdamW is fine there
         config.setdefault("zero_force_ds_cpu_optimizer", False)
     return config
+
+
+# DeepSpeed's config classes, by the JSON key of the section each validates
+_SECTIONS = {"DeepSpeedZeroConfig": "zero_optimization", "DeepSpeedBF16Config": "bf16",
+             "DeepSpeedFP16Config": "fp16"}
+
+
+def check_with_deepspeed(config: dict, path: Path) -> None:
+    """A config holding the user's JSON, through DeepSpeed's own validation (its pydantic config
+    classes and sanity checks) and the sizes the run reads from it: one line naming the file and
+    the key, before anything is written."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from pydantic import ValidationError
+
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        if isinstance(config[key], bool) or not isinstance(config[key], int) or config[key] < 1:
+            raise RWKVPeftError(f"--deepspeed_config {path}: {key} must be a positive integer, got {config[key]!r}")
+    clip = config.get("gradient_clipping", 0.0)
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not 0 <= clip < float("inf"):
+        raise RWKVPeftError(f"--deepspeed_config {path}: gradient_clipping must be a finite number >= 0, got {clip!r}")
+    mb, ga = config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"]
+    try:  # outside a process group DeepSpeed counts one process: the batch size for one
+        DeepSpeedConfig({**config, "train_batch_size": mb * ga})
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join([_SECTIONS.get(e.title, e.title), *map(str, err["loc"])])
+        raise RWKVPeftError(f"--deepspeed_config {path}: {key}: {err['msg']} (got {err.get('input')!r}); "
+                            "fix the key or remove it") from None
+    except (AssertionError, ValueError, TypeError, KeyError) as e:
+        raise RWKVPeftError(f"--deepspeed_config {path}: DeepSpeed refuses it: {first_line(e)}") from None
 
 
 def config_precision(config: dict) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ..cli import command
 from ..io import atomic_write, save_checkpoint_file
 from ..peft.adapter_file import save_adapter
 from .args import TrainArgs
@@ -78,7 +79,7 @@ class Outputs:
         if self.run.full:
             self.write_weights(self.final)
         else:
-            if self.main:
+            if self.main and not final:  # created with the first periodic adapter, never left empty
                 (self.proj_dir / "adapters").mkdir(exist_ok=True)
             self.write_weights(self.final if final else self.proj_dir / f"adapters/step-{step:08d}.safetensors")
         state = {"step": step, "global_batch": self.global_batch, "samples": step * self.global_batch,
@@ -117,6 +118,6 @@ class Outputs:
             plot_losses(self.metrics, self.proj_dir / "loss.png")
             log("\n" + "  ".join(f"{k}: {v}" for k, v in summary.items()))
             log(f"wrote {self.final}")
-            log(f"next: python -m rwkv_peft.run --model {self.final}" if self.run.full
-                else f"next: python merge.py --adapter {self.final}")
+            log(f"next: {command('run')} --model {self.final}" if self.run.full
+                else f"next: {command('merge')} --adapter {self.final}")
         return summary

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from ..data.tokenizer import check_fits_model, load_tokenizer, tokenizer_for
 from ..errors import RWKVPeftError
-from ..io import check_writable_dir, save_checkpoint_file
+from ..io import check_writable_dir, load_tensor_file, save_checkpoint_file
 from ..model import RWKV, create_model, load_model
 from ..model.init import rwkv7_config
 from ..model.time_state import add_time_state
@@ -31,7 +31,7 @@ from ..peft.adapt import parse_rules, plan_adapters, prepare_peft, trainable_sum
 from ..peft.adapter_file import describe_base
 from ..peft.init_adapter import continue_adapter, origin_record
 from ..peft.quant import import_torchao, quant_summary
-from .args import TrainArgs
+from .args import TrainArgs, check_fits_memory
 from .checkpoint import Progress, find_checkpoint, resume
 from .cpu_memory import MemoryChoice, choose_cpu_memory
 from .engine import (device_for_rank, import_deepspeed, make_optimizer, optimizer_offloaded, param_groups,
@@ -58,12 +58,19 @@ class Run:
     resume_from: Path | None
     tokenizer: object
     model: RWKV
-    base_sd: dict          # the weights before adapters: what merges and PiSSA's resume start from
+    new_base: dict | None  # a new model's initial weights, for its base file; no other copy of a base is kept
     base_path: Path | str
     base_info: dict        # the base as the adapter file records it
     full: bool             # every weight trains (no adapter file)
     methods: dict          # adapted layer -> its PEFT method
     parts: dict            # whole tensors trained beside the adapters (--train_parts)
+
+    def base_weights(self, names: list[str]) -> dict:
+        """These base weights as training started from them (PiSSA's resume), read again from the
+        base file: the run keeps no copy, whose mapped pages would stay in its memory. In the
+        run's precision, except under --quant, which reads a base in the file's dtype."""
+        sd = load_tensor_file(self.base_path, "base")
+        return {n: sd[n] if self.args.quant != "none" else sd[n].to(DTYPES[self.args.precision]) for n in names}
 
 
 def train(args: TrainArgs) -> dict:
@@ -104,9 +111,13 @@ def _prepare(args: TrainArgs, main: bool, world: int) -> Run:
         import_torchao(args.quant)  # a missing library fails here, before the model loads
 
     model, tokenizer = _model_and_tokenizer(args, DTYPES[args.precision])
-    base_sd = dict(model.state_dict())
+    check_fits_memory(args, model.config.n_layer, model.config.n_embd)
+    # adapters on a new model: its random base is saved beside the run, for merge and chat
+    base_path = args.load_model or proj_dir / f"base.{args.model_format}"
+    base_info = describe_base(model.state_dict(), model.config, base_path)  # before adapters change it
     rules = parse_rules(args.peft_rules)
     full = trains_whole_model(args, rules)
+    new_base = None if full or args.load_model else dict(model.state_dict())
     if full:
         methods, parts = _train_every_weight(model, args, log)
     else:
@@ -117,20 +128,17 @@ def _prepare(args: TrainArgs, main: bool, world: int) -> Run:
         torch.manual_seed(args.random_seed)  # LoRA's Kaiming init
         quant = None if args.quant == "none" else args.quant
         if args.init_adapter:  # its layers, methods and trained values instead of fresh ones
-            methods, parts = continue_adapter(model, args.init_adapter, base_sd, args.train_parts, quant=quant,
-                                              quant_targets=args.quant_targets)
+            methods, parts = continue_adapter(model, args.init_adapter, model.state_dict(), args.train_parts,
+                                              quant=quant, quant_targets=args.quant_targets)
         else:
             methods, parts = prepare_peft(model, plan, args.train_parts, init=resume_from is None, quant=quant,
                                           quant_targets=args.quant_targets)
         log(trainable_summary(model, methods, parts))
         if quant:
             log(quant_summary(model))
-    # adapters on a new model: its random base is saved beside the run, for merge and chat
-    base_path = args.load_model or proj_dir / f"base.{args.model_format}"
-    base_info = describe_base(base_sd, model.config, base_path)
     if args.init_adapter:  # the new adapter file names the adapter it continued
         base_info["init_adapter"] = origin_record(args.init_adapter)
-    return Run(args, ds_config, proj_dir, resume_from, tokenizer, model, base_sd, base_path, base_info, full,
+    return Run(args, ds_config, proj_dir, resume_from, tokenizer, model, new_base, base_path, base_info, full,
                methods, parts)
 
 
@@ -171,9 +179,10 @@ def _train(run: Run, deepspeed) -> dict:
         return {}
     if main:  # created only now, so that a run that fails on its inputs leaves nothing behind
         run.proj_dir.mkdir(parents=True, exist_ok=True)
-        if not run.full and not args.load_model and not Path(run.base_path).exists():
-            save_checkpoint_file(run.base_sd, run.base_path)
+        if run.new_base is not None and not Path(run.base_path).exists():
+            save_checkpoint_file(run.new_base, run.base_path)
             log(f"saved the new model's initial weights to {run.base_path}: the base the adapter merges into")
+    run.new_base = None  # the file is the base from now on (PiSSA's resume reads it)
     memory = _place_model(run.model, args, device, log)
     schedule = plan_schedule(args, len(data), world, log)
     objective = make_objective(run)  # its reference is the model as it stands now, before any resume
@@ -184,9 +193,11 @@ def _train(run: Run, deepspeed) -> dict:
     if run.resume_from is not None:
         progress = resume(engine, run.resume_from, run, schedule.global_batch, validation)
         if progress.step >= schedule.total_steps or validation.should_stop():
-            how = "stopped early" if progress.step < schedule.total_steps else "complete"
-            log(f"the run in {run.proj_dir} is already {how} ({progress.step} of {schedule.total_steps} steps); "
-                "nothing was changed. To train more, start a new run (or resume with a larger --max_steps)")
+            early = progress.step < schedule.total_steps
+            more = (f"resume with a larger --early_stop than {args.early_stop} (or 0)" if early
+                    else "resume with a larger --max_steps")
+            log(f"the run in {run.proj_dir} is already {'stopped early' if early else 'complete'} ({progress.step} of "
+                f"{schedule.total_steps} steps); nothing was changed. To train more, {more}, or start a new run")
             return {"steps": progress.step, "complete": True, "proj_dir": str(run.proj_dir)}
         log(f"resumed from {run.resume_from} at step {progress.step}")
     outputs = Outputs(run, engine, validation, schedule.global_batch, progress, main)

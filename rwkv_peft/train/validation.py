@@ -28,7 +28,7 @@ from ..data.sources import iter_jsonl, resolve_data_type
 from ..data.token_cache import cache_dirs
 from ..errors import RWKVPeftError
 from ..io import atomic_write, check_writable_dir
-from ..scoring import heldout_sums, read_records, task_items, task_score
+from ..scoring import expected_reply, heldout_sums, read_records, task_items, task_score
 from .args import TrainArgs
 
 GENERATE_MAX_TOKENS = 64  # as rwkv_peft.eval's default --max_tokens
@@ -154,7 +154,8 @@ class Validation:
                 score = task_score(model, self.tokenizer, self.items, GENERATE_MAX_TOKENS)
                 record["val_task"] = score["task"]
                 for item, reply, hit in score["replies"]:
-                    self.log(f"  step {step} [{'OK' if hit else 'MISS'}] {item['question'][:60]!r} -> {reply[:80]!r}")
+                    self.log(f"  step {step} [{'OK' if hit else 'MISS'}] {item['question'][:60]!r} -> {reply[:80]!r}, "
+                             f"expected {expected_reply(item)}")
         finally:
             model.train(was_training)
             torch.set_rng_state(cpu_rng)
