@@ -75,3 +75,17 @@ def choose_cpu_memory(args, model: torch.nn.Module, device: torch.device) -> Mem
     note = (f"CPU training of {n_params / 1e6:.0f}M parameters: {' and '.join(chosen)} to save memory; "
             f"for faster steps with more memory pass --grad_cp 0 --cpu_malloc default") if chosen else None
     return MemoryChoice(grad_cp, cpu_malloc, note)
+
+
+def place_model(model: torch.nn.Module, args, device: torch.device, log) -> MemoryChoice:
+    """The model on its device, with the CPU threads and memory settings for its size."""
+    from ..generate import set_threads
+
+    model.to(device)
+    if device.type == "cpu":
+        set_threads(model)  # one thread for small models: splitting tiny ops costs far more than it gains
+    memory = choose_cpu_memory(args, model, device)  # --grad_cp and --cpu_malloc auto
+    if memory.note:
+        log(memory.note)
+    model.grad_checkpointing = bool(memory.grad_cp)
+    return memory

@@ -96,6 +96,16 @@ class Outputs:
             if val_record:
                 self.report.log(val_record)
 
+    def stop_early(self, step: int, interrupted: bool, log) -> dict:
+        """A checkpoint at step, for --resume: after Ctrl-C / SIGTERM, or at --stop_at_step."""
+        self.save(step)
+        why = "\ninterrupted: saved a checkpoint" if interrupted else "stopped (--stop_at_step): saved a checkpoint"
+        log(f"{why} at step {step}; continue with --resume --proj_dir {self.proj_dir}")
+        self.report.close()
+        if interrupted:
+            raise KeyboardInterrupt
+        return {"steps": step, "stopped": True, "proj_dir": str(self.proj_dir)}
+
     def finish(self, step: int, tokens_per_step: int, final_loss: float | None, skipped: int, train_file: str,
                device: torch.device, log) -> dict:
         """The final weights and checkpoint, summary.json and loss.png; returns the summary."""

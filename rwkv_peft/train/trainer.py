@@ -33,7 +33,7 @@ from ..peft.init_adapter import continue_adapter, origin_record
 from ..peft.quant import import_torchao, quant_summary
 from .args import TrainArgs, check_fits_memory
 from .checkpoint import Progress, find_checkpoint, resume
-from .cpu_memory import MemoryChoice, choose_cpu_memory
+from .cpu_memory import place_model
 from .engine import (device_for_rank, import_deepspeed, make_optimizer, optimizer_offloaded, param_groups,
                      quiet_known_notices, set_launcher_env, weights_only_load)
 from .interrupt import StopRequest, survive_lost_output
@@ -183,7 +183,7 @@ def _train(run: Run, deepspeed) -> dict:
             save_checkpoint_file(run.new_base, run.base_path)
             log(f"saved the new model's initial weights to {run.base_path}: the base the adapter merges into")
     run.new_base = None  # the file is the base from now on (PiSSA's resume reads it)
-    memory = _place_model(run.model, args, device, log)
+    memory = place_model(run.model, args, device, log)
     schedule = plan_schedule(args, len(data), world, log)
     objective = make_objective(run)  # its reference is the model as it stands now, before any resume
     optimizer = make_optimizer(param_groups(run.model, args), args, device, optimizer_offloaded(run.ds_config))
@@ -249,23 +249,12 @@ def _fit(run: Run, engine, stepper: Stepper, schedule: Schedule, validation: Val
                 break
             if (result.stop_requested or step == args.stop_at_step) and step < schedule.total_steps:
                 bar.close()
-                return _stop_early(outputs, step, result.stop_requested, log)
+                return outputs.stop_early(step, result.stop_requested, log)
             if args.save_every and step % args.save_every == 0 and step < schedule.total_steps:
                 outputs.save(step)
     bar.close()
     return outputs.finish(progress.step, tokens_per_step, losses[-1] if losses else None, stepper.skipped,
                           train_file, device, log)
-
-
-def _stop_early(outputs: Outputs, step: int, interrupted: bool, log) -> dict:
-    """A checkpoint at step, for --resume: after Ctrl-C / SIGTERM, or at --stop_at_step."""
-    outputs.save(step)
-    why = "\ninterrupted: saved a checkpoint" if interrupted else "stopped (--stop_at_step): saved a checkpoint"
-    log(f"{why} at step {step}; continue with --resume --proj_dir {outputs.proj_dir}")
-    outputs.report.close()
-    if interrupted:
-        raise KeyboardInterrupt
-    return {"steps": step, "stopped": True, "proj_dir": str(outputs.proj_dir)}
 
 
 def _logger(main: bool):
@@ -284,10 +273,10 @@ def _load_data(run: Run, train_file: str, val_file: str | None, main: bool, log)
     def load():
         if args.objective != "sft":
             data = load_objective_data(args, train_file, run.tokenizer)
-            return data, load_heldout(val_file, args, run.tokenizer, main) if val_file else (None, ())
-        data = load_training_data(train_file, run.tokenizer, args.ctx_len, data_type=args.data_type,
-                                  sft_fields=tuple(args.sft_fields) if args.sft_fields else None,
-                                  mode=args.data_mode, seed=args.random_seed, progress=main)
+        else:
+            data = load_training_data(train_file, run.tokenizer, args.ctx_len, data_type=args.data_type,
+                                      sft_fields=tuple(args.sft_fields) if args.sft_fields else None,
+                                      mode=args.data_mode, seed=args.random_seed, progress=main)
         return data, load_heldout(val_file, args, run.tokenizer, main) if val_file else (None, ())
 
     loaded = load() if main else None
@@ -295,17 +284,3 @@ def _load_data(run: Run, train_file: str, val_file: str | None, main: bool, log)
     data, (heldout, heldout_items) = loaded or load()
     return data, Validation(heldout, heldout_items, run.tokenizer, args.eval_every, args.early_stop, args.micro_bsz,
                             log, val_file)
-
-
-def _place_model(model, args: TrainArgs, device, log) -> MemoryChoice:
-    """The model on its device, with the CPU threads and memory settings for its size."""
-    model.to(device)
-    if device.type == "cpu":
-        from ..generate import set_threads
-
-        set_threads(model)  # one thread for small models: splitting tiny ops costs far more than it gains
-    memory = choose_cpu_memory(args, model, device)  # --grad_cp and --cpu_malloc auto
-    if memory.note:
-        log(memory.note)
-    model.grad_checkpointing = bool(memory.grad_cp)
-    return memory
