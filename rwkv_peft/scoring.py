@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .data.chat_format import CHAT_ASSISTANT, chat_segments, encode_segments
-from .data.sources import iter_jsonl
+from .data.sources import jsonl_records
 from .errors import RWKVPeftError
 from .generate import Sampling, generate_text
 from .loss import masked_ce_sum
@@ -21,13 +21,8 @@ from .loss import masked_ce_sum
 
 def read_records(path: str) -> list[dict]:
     """The chat records of a .jsonl file (blank lines skipped); one line naming what is wrong."""
-    p = Path(path)
-    if not p.is_file():
-        raise RWKVPeftError(f"--data {path} not found; pass a chat .jsonl file")
     records = []
-    for n, rec, _ in iter_jsonl(p):
-        if rec is None:
-            continue
+    for n, rec in jsonl_records(Path(path), f"--data {path} not found; pass a chat .jsonl file"):
         if not isinstance(rec.get("messages"), list):
             raise RWKVPeftError(f"{path} line {n}: expected a chat record {{\"messages\": [...]}}")
         records.append(rec)

@@ -28,7 +28,7 @@ import torch
 from rwkv_peft.errors import RWKVPeftError
 
 from .chat_format import RENDER_LOSS_END, RENDER_LOSS_START, chat_segments, encode_segments, merge_runs
-from .sources import iter_jsonl
+from .sources import jsonl_records
 
 __all__ = ["PreferenceData", "load_preference_data", "pair_segments"]
 
@@ -123,12 +123,8 @@ def load_preference_data(path: str, tokenizer, ctx_len: int, seed: int = 0) -> P
     p = Path(path)
     if p.suffix.lower() not in (".jsonl", ".json"):
         raise RWKVPeftError(f"{p}: preference data must be a .jsonl file of prompt/chosen/rejected records")
-    if not p.is_file():
-        raise RWKVPeftError(f"preference data file {p} not found")
     pairs = []
-    for lineno, record, _ in iter_jsonl(p):
-        if record is None:
-            continue
+    for lineno, record in jsonl_records(p, f"preference data file {p} not found"):
         where = f"{p} line {lineno}"
         chosen, rejected = (encode_segments(s, tokenizer) for s in pair_segments(record, where))
         for name, (ids, mask) in (("chosen", chosen), ("rejected", rejected)):

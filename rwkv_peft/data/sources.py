@@ -32,7 +32,8 @@ from rwkv_peft.errors import RWKVPeftError
 from .binidx import binidx_paths
 from .chat_format import chat_segments, encode_segments, encode_text, fields_segments
 
-__all__ = ["DATA_TYPES", "detect_jsonl_kind", "iter_documents", "iter_jsonl", "resolve_data_type"]
+__all__ = ["DATA_TYPES", "detect_jsonl_kind", "iter_documents", "iter_jsonl", "jsonl_records",
+           "resolve_data_type"]
 
 _TEXT_CHUNK = 1 << 20
 _MAX_LINE_CHUNK = 16 << 20
@@ -93,6 +94,15 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict | None, int]]:
                 raise RWKVPeftError(
                     f"{path} line {lineno}: expected a JSON object, got {type(rec).__name__}")
             yield lineno, rec, nbytes
+
+
+def jsonl_records(path: Path, missing: str) -> Iterator[tuple[int, dict]]:
+    """(line number, record) per non-blank line; RWKVPeftError(missing) when there is no such file."""
+    if not path.is_file():
+        raise RWKVPeftError(missing)
+    for lineno, rec, _ in iter_jsonl(path):
+        if rec is not None:
+            yield lineno, rec
 
 
 def detect_jsonl_kind(path: Path, sft_fields: tuple[str, str] | None) -> str:
