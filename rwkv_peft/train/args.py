@@ -16,7 +16,9 @@ import torch
 from ..cli import HelpFormatter, fraction, non_negative, positive, value_problem
 from ..data.sources import DATA_TYPES
 from ..errors import RWKVPeftError
+from ..model.wkv_dispatch import OPS
 from ..peft.methods import METHODS, method_flags
+from ..peft.quant import QUANT_FORMATS, QUANT_TARGETS
 
 LR_INIT = 1e-4  # --lr_init when none is given, except on the embedded demo (trainer.DEMO_LR)
 STATE_LR = 1.0  # --state_lr when none is given: the state needs a far higher rate than weights (README)
@@ -89,7 +91,7 @@ class _Options:
                              "0.5x); none keeps them in --precision. The adapters train in --precision either way",
                      "peft")
     quant_targets: str = opt("adapted", "with --quant: the weights of the adapted layers, or all (every frozen "
-                                        "linear layer, the head included)", "peft", choices=("adapted", "all"))
+                                        "linear layer, the head included)", "peft", choices=QUANT_TARGETS)
     state_lr: float | None = opt(None, f"peak learning rate of the learned state (--train_parts state), on the "
                                        f"schedule of --lr_init (default {STATE_LR:g})", "peft", check=positive)
     # objective (train/objectives.py; README "Objectives")
@@ -140,7 +142,7 @@ class _Options:
                                     "RWKV-PEFT's infctx; not exact)")
     op: str = opt("auto", "WKV implementation: auto (the CUDA kernel on GPUs when it builds and passes its "
                           "start-up self-test, else PyTorch with one warning line), cuda (the kernel or an error), "
-                          "or torch", choices=("auto", "cuda", "torch"))
+                          "or torch", choices=OPS)
     strategy: str = opt("deepspeed_stage_1", "DeepSpeed ZeRO strategy", choices=STRATEGIES)
     deepspeed_config: str | None = opt(None, "your own DeepSpeed JSON; it wins over the flags it sets")
     random_seed: int = opt(42, "seed for initialisation, data order and dropout", check=non_negative)
@@ -261,7 +263,7 @@ def check_fits_memory(args: TrainArgs, n_layer: int, n_embd: int, available: int
                             "lower --ctx_len or --micro_bsz, or train in pieces with --chunk_ctx N")
 
 
-QUANT_CHOICES = ("none", "nf4", "int8")
+QUANT_CHOICES = ("none", *QUANT_FORMATS)
 
 
 def default_peft(args: TrainArgs) -> str:
