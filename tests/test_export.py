@@ -19,12 +19,12 @@ import torch
 
 from greedy_reference import greedy_tokens
 from official_layout import rwkv6_state_dict, rwkv7_state_dict
+from random_adapters import random_adapters
 from rwkv_peft import load_model
 from rwkv_peft.data.tokenizer import WorldTokenizer, load_tokenizer
 from rwkv_peft.export.run import export_files
 from rwkv_peft.io import load_tensor_file
 from rwkv_peft.model.config import infer_config
-from rwkv_peft.peft.adapt import parse_rules, plan_adapters, prepare_peft
 from rwkv_peft.peft.adapter_file import describe_base, save_adapter
 from tiny_workspace import clean_env
 
@@ -50,13 +50,7 @@ def relative(ours: torch.Tensor, theirs: torch.Tensor) -> float:
 
 def make_adapter(sd, base_path, path, default, rules="", parts=(), seed=1, noise=0.02):
     """A model with nonzero random adapters saved as our adapter file; returns the adapted model (fp32)."""
-    model = load_model(sd, dtype=torch.float32)
-    methods, part_params = prepare_peft(model, plan_adapters(model, parse_rules(rules), default), parts)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * noise)
+    model, methods, part_params = random_adapters(sd, default, rules, parts, seed, noise)
     save_adapter(path, methods, part_params, describe_base(sd, model.config, base_path))
     return model.eval()
 

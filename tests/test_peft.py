@@ -10,6 +10,7 @@ import torch
 
 from official_runner import run_official
 from official_layout import rwkv6_state_dict, rwkv7_state_dict
+from random_adapters import random_adapters
 from rwkv_peft import RWKVPeftError, load_model
 from rwkv_peft.peft.adapt import parse_rules, plan_adapters, prepare_peft
 from rwkv_peft.peft.adapter_file import describe_base, read_adapter, save_adapter
@@ -38,18 +39,6 @@ def make_base(version, seed=0):
     return rwkv7_state_dict(seed=seed) if version == 7 else rwkv6_state_dict(seed=seed)
 
 
-def adapt(sd, default, rules="", parts=(), seed=1, noise=0.05):
-    """A model with adapters whose trainable tensors are random and nonzero."""
-    model = load_model(sd, dtype=torch.float32)
-    methods, part_params = prepare_peft(model, plan_adapters(model, parse_rules(rules), default), parts)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * noise)
-    return model, methods, part_params
-
-
 def tokens_for(sd, seed=0, length=T):
     return torch.randint(0, sd["emb.weight"].shape[0], (1, length), generator=torch.Generator().manual_seed(seed))
 
@@ -64,7 +53,7 @@ def merged_runs(tmp_path_factory):
         sd = make_base(version)
         base = tmp / f"{name}-base.pth"
         torch.save(sd, base)
-        model, methods, part_params = adapt(sd, default, rules, parts)
+        model, methods, part_params = random_adapters(sd, default, rules, parts)
         adapter = tmp / f"{name}.safetensors"
         save_adapter(adapter, methods, part_params, describe_base(sd, model.config, base))
         merged = merge_files(str(base), str(adapter), str(tmp / f"{name}-merged.pth"), log=lambda *_: None)
@@ -94,7 +83,7 @@ def test_adapters_change_the_model():
     base = load_model(sd, dtype=torch.float32)(tokens)
     for name, (version, default, rules, parts) in SETUPS.items():
         if version == 7:
-            adapted = adapt(sd, default, rules, parts)[0](tokens)
+            adapted = random_adapters(sd, default, rules, parts)[0](tokens)
             assert (adapted - base).abs().max() > 1e-2, name
 
 
@@ -102,7 +91,7 @@ def test_pissa_starts_at_the_base_model_and_merges_after_training(tmp_path):
     sd = make_base(7)
     tokens = tokens_for(sd)
     base_logits = load_model(sd, dtype=torch.float32)(tokens)
-    model, methods, parts = adapt(sd, ("pissa", {"r": 8}), noise=0.0)
+    model, methods, parts = random_adapters(sd, ("pissa", {"r": 8}), noise=0.0)
     torch.testing.assert_close(model(tokens), base_logits, atol=1e-4, rtol=1e-4)
 
     model.train()
@@ -126,7 +115,7 @@ def test_pissa_starts_at_the_base_model_and_merges_after_training(tmp_path):
 def test_adapter_file_round_trip(tmp_path):
     sd = make_base(7)
     version, default, rules, parts = SETUPS["mixed"]
-    model, methods, part_params = adapt(sd, default, rules, parts)
+    model, methods, part_params = random_adapters(sd, default, rules, parts)
     path = tmp_path / "a.safetensors"
     save_adapter(path, methods, part_params, describe_base(sd, model.config, None))
     adapter = read_adapter(path)
@@ -277,7 +266,7 @@ def test_train_parts_select_whole_groups():
 
 def test_adapter_on_a_different_base_is_refused(tmp_path):
     sd = make_base(7)
-    model, methods, parts = adapt(sd, ("bone", {"r": 16}))
+    model, methods, parts = random_adapters(sd, ("bone", {"r": 16}))
     path = tmp_path / "a.safetensors"
     save_adapter(path, methods, parts, describe_base(sd, model.config, None))
     with pytest.raises(RWKVPeftError, match="trained on a different base"):
@@ -290,7 +279,7 @@ def test_adapter_on_a_different_base_is_refused(tmp_path):
 
 def test_merge_refuses_a_wrong_result(tmp_path):
     sd = make_base(7)
-    model, methods, parts = adapt(sd, ("lora", {"r": 4}))
+    model, methods, parts = random_adapters(sd, ("lora", {"r": 4}))
     path = tmp_path / "a.safetensors"
     save_adapter(path, methods, parts, describe_base(sd, model.config, None))
     adapter = read_adapter(path)
@@ -312,7 +301,7 @@ def test_merge_cli_bare_uses_newest_adapter_and_its_base(tmp_path):
     base = tmp_path / "base.pth"
     torch.save(sd, base)
     (tmp_path / "out" / "run1").mkdir(parents=True)
-    model, methods, parts = adapt(sd, ("bat", {"r": 16}))
+    model, methods, parts = random_adapters(sd, ("bat", {"r": 16}))
     adapter = tmp_path / "out" / "run1" / "adapter.safetensors"
     save_adapter(adapter, methods, parts, describe_base(sd, model.config, base))
     proc = run_merge(tmp_path)
