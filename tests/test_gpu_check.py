@@ -152,12 +152,7 @@ def test_build_step_on_a_stubbed_gpu(monkeypatch):
     it times the build, self-tests both versions, and fails when one version fails."""
     from rwkv_peft.model import wkv_cuda, wkv_self_test
 
-    for name, value in {"is_available": lambda: True, "current_device": lambda: 0,
-                        "get_device_name": lambda d=None: "stub GPU", "get_device_capability": lambda d=None: (9, 0),
-                        "synchronize": lambda d=None: None}.items():
-        monkeypatch.setattr(torch.cuda, name, value)
-    monkeypatch.setattr(wkv_cuda, "_toolchain_reason", lambda device, head_size: None)
-    monkeypatch.setattr(wkv_cuda, "load_extension", lambda head_size, device=None: object())
+    _stub_gpu(monkeypatch)
     tested = []
 
     def stub_self_test(kernel, version, head_size, device):
