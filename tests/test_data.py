@@ -145,7 +145,7 @@ def test_binidx_ids_outside_vocab(tok, tmp_path):
 
 def test_converter_refuses_sft(tmp_path, capsys):
     src = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
-    assert prepare_main([str(src), str(tmp_path / "o"), "--no_progress"]) == 1
+    assert prepare_main([str(src), str(tmp_path / "o"), "--no_progress"]) == 2  # one error: line, exit 2
     assert "loss masks" in capsys.readouterr().err
     assert not (tmp_path / "o.bin").exists() and not list(tmp_path.glob(".o.*"))
 
