@@ -2,7 +2,9 @@
 
 `run_command` wraps each entry point (train, merge, chat, eval, run, prepare): a RWKVPeftError
 becomes one `error:` line and exit code 2 (its traceback only with --debug), Ctrl-C exit code
-130. This module sits at the bottom of the package, so commands at any layer can use it.
+130, and SIGTERM (what `kill`, a job scheduler or a launcher sends) the same as Ctrl-C: the
+exception unwinds the command, so a file being written is removed, not left half-written.
+This module sits at the bottom of the package, so commands at any layer can use it.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -49,7 +53,8 @@ def run_command(main: Callable[[Sequence[str]], int | None], argv: Sequence[str]
     """Run main(argv) and turn how it ends into an exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        return main(argv) or 0
+        with _sigterm_as_interrupt():
+            return main(argv) or 0
     except RWKVPeftError as e:
         if "--debug" in argv:
             raise
@@ -69,6 +74,27 @@ def _close_progress_bars() -> None:
     tqdm = sys.modules.get("tqdm")
     for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
         bar.close()
+
+
+class _sigterm_as_interrupt:
+    """SIGTERM raises KeyboardInterrupt while the command runs (where SIGTERM would otherwise end
+    the process at once: its default action), so that it unwinds as Ctrl-C does."""
+
+    def __enter__(self):
+        self._old = None
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL):
+            self._old = signal.signal(signal.SIGTERM, self._interrupt)
+        return self
+
+    @staticmethod
+    def _interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+        return False
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

@@ -32,7 +32,7 @@ from .assets import DEMO_HELDOUT
 from .cli import (HelpFormatter, add_foreign_adapter_flags, add_op_flag, checked, non_negative, parse_checked,
                   positive, prog, run_command, usable_device)
 from .errors import RWKVPeftError
-from .io import atomic_write
+from .io import atomic_write, check_not_inputs, check_output_file
 from .model import wkv_dispatch
 from .scoring import heldout_loss, read_records, task_items, task_score
 
@@ -96,6 +96,11 @@ def evaluate(args) -> list[dict]:
                                    what="base")
     rows = ([("base", args.base, None)] if args.base else []) + [("model", model_path, None)]
     rows += [("adapter", model_path, a) for a in args.adapter]
+    if args.json:  # checked now, not after the whole evaluation
+        check_not_inputs({"--json": args.json}, {
+            "--model": model_path, "--base": args.base, "--adapter": args.adapter, "--data": args.data,
+            "--tokenizer": args.tokenizer if Path(args.tokenizer).is_file() else None, "--pissa_init": args.pissa_init})
+        check_output_file(args.json, f"--json {args.json}")
 
     records = read_records(args.data)
     tokenizer = None
@@ -124,7 +129,8 @@ def evaluate(args) -> list[dict]:
     return results
 
 
-def print_table(results: list[dict], show: int, out=sys.stdout) -> None:
+def print_table(results: list[dict], show: int, out=None) -> None:
+    out = out or sys.stdout  # looked up now: a caller may have redirected it
     header = f"{'model':<44} {'method':<10} {'trainable':>10} {'loss':>7} {'ppl':>8} {'task':>13} {'exact':>6}"
     print(header, file=out)
     print("-" * len(header), file=out)
@@ -153,10 +159,22 @@ def _command(argv) -> None:
     results = evaluate(args)
     print_table(results, args.show)
     if args.json:
-        slim = [{k: v for k, v in r.items() if k != "replies"} | {
+        slim = [{k: _finite_or_none(v) for k, v in r.items() if k != "replies"} | {
             "replies": [{"question": i["question"], "expected": i["answer"] or i["expected"], "reply": rep,
                          "hit": hit} for i, rep, hit in r["replies"]]} for r in results]
-        atomic_write(args.json, lambda f: f.write(json.dumps(slim, indent=1).encode()))
+        # strict JSON: a non-finite loss is null (json.dumps would write NaN, which JSON readers refuse)
+        data = json.dumps(slim, indent=1, allow_nan=False).encode()
+        atomic_write(args.json, lambda f: f.write(data), f"--json {args.json}")
+    bad = [r for r in results if not math.isfinite(r["loss"])]
+    if bad:
+        raise RWKVPeftError(
+            f"the held-out loss of {bad[0]['model']} is {bad[0]['loss']}: its outputs on {args.data} are not finite "
+            "although its weights are (loading refuses NaN and Inf), so its numbers overflow; the other figures "
+            "of the table stand, that row's loss and perplexity do not")
+
+
+def _finite_or_none(value):
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 if __name__ == "__main__":

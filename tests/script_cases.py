@@ -21,9 +21,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def snapshot(d: Path) -> set[str]:
-    """Every path below d, except the data pipeline's token cache."""
-    return {str(p.relative_to(d)) for p in d.rglob("*") if ".rwkv_peft_cache" not in p.parts}
+def snapshot(d: Path) -> dict[str, tuple]:
+    """Every path below d, except the data pipeline's token cache, with what tells a changed file:
+    (inode, size, mtime) of the file itself (a symlink is not followed)."""
+    found = {}
+    for p in d.rglob("*"):
+        if ".rwkv_peft_cache" in p.parts:
+            continue
+        st = p.lstat()
+        found[str(p.relative_to(d))] = (st.st_ino, st.st_size, st.st_mtime_ns)
+    return found
 
 
 def load_main(script: str):
@@ -35,9 +42,9 @@ def load_main(script: str):
     return module.main
 
 
-def run_case(main, args: list[str]) -> tuple[object, str]:
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+def run_case(main, args: list[str]) -> tuple[object, str, str]:
+    err, out = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
         try:
             code = main(args)
         except SystemExit as e:  # argparse errors
@@ -45,7 +52,7 @@ def run_case(main, args: list[str]) -> tuple[object, str]:
         except BaseException:  # noqa: BLE001 - an escaped exception is what the test looks for
             traceback.print_exc()
             code = "exception"
-    return code, err.getvalue()
+    return code, err.getvalue(), out.getvalue()
 
 
 def main(cases_file: str, results_file: str) -> None:
@@ -55,10 +62,13 @@ def main(cases_file: str, results_file: str) -> None:
         if script not in mains:
             mains[script] = load_main(script)
         before = snapshot(work)
-        code, stderr = run_case(mains[script], args)
+        code, stderr, stdout = run_case(mains[script], args)
         after = snapshot(work)
-        results[name] = {"code": code, "stderr": stderr, "new": sorted(after - before),
-                         "gone": sorted(before - after), "pwned": (work / "PWNED").exists()}
+        results[name] = {"code": code, "stderr": stderr, "stdout": stdout, "new": sorted(after.keys() - before.keys()),
+                         "gone": sorted(before.keys() - after.keys()),
+                         "changed": sorted(k for k in before.keys() & after.keys() if before[k] != after[k]
+                                           and not (work / k).is_dir()),
+                         "pwned": (work / "PWNED").exists()}
     Path(results_file).write_text(json.dumps(results))
 
 

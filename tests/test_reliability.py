@@ -204,7 +204,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(work):
     from tiny_workspace import VOCAB
 
     base = torch.load(work / "base.pth", weights_only=True)
-    base["emb.weight"][VOCAB["fell"]] = float("nan")  # samples holding 'fell' get a NaN loss
+    # finite (loading refuses NaN and Inf), but samples holding 'fell' overflow to a NaN loss
+    width = base["emb.weight"].shape[1]
+    base["emb.weight"][VOCAB["fell"]] = 1e30 * torch.where(torch.arange(width) % 2 == 0, 1.0, -1.0)
     torch.save(base, work / "nan-base.pth")
     docs = ["the cat sat on a mat"] * 30 + ["rain fell softly"] * 2 + ["the cat"] * 30
     (work / "nan.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from rwkv_peft.errors import RWKVPeftError
-from rwkv_peft.io import AtomicFile, atomic_file
+from rwkv_peft.io import AtomicFile, atomic_file, check_output_file
 
 __all__ = [
     "BinIdx",
@@ -181,6 +181,7 @@ class BinIdxWriter:
         if self.dtype not in _CODE_OF:
             raise RWKVPeftError(f"binidx cannot store {self.dtype.name} tokens")
         self.bin_path, self.idx_path = binidx_paths(prefix)
+        check_output_file(self.idx_path)  # written last: checked before the work, as the .bin is here
         self._bin = AtomicFile(self.bin_path)  # raises if the directory is missing or read-only
         self._sizes = array("i")
         self._doc_idx = array("q", [0])
@@ -194,7 +195,7 @@ class BinIdxWriter:
                 f"token id {int(arr.max())} does not fit {self.dtype.name} in {self.bin_path}")
         if arr.size >= 2**31:
             raise RWKVPeftError("a single binidx sequence must have fewer than 2**31 tokens")
-        arr.astype(self.dtype.newbyteorder("<"), copy=False).tofile(self._bin.file)
+        self._bin.write(memoryview(np.ascontiguousarray(arr.astype(self.dtype.newbyteorder("<"), copy=False))))
         self._sizes.append(int(arr.size))
         self.num_tokens += int(arr.size)
         if end_document:

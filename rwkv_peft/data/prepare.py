@@ -5,7 +5,8 @@
 Reads `{"text": ...}` JSON lines (or a .txt file, which is one document) and writes
 out_prefix.bin / out_prefix.idx as RWKV-LM's make_data.py does: one sequence per document,
 each followed by token 0 (end-of-text), uint16 ids for vocabularies up to 65536 (else int32).
-Both files are written under temporary names and renamed at the end.
+Both files are written under temporary names and renamed at the end; neither may be the
+input or the tokenizer file, and both are checked writable before tokenizing starts.
 
 Only plain text: chat/SFT data needs per-token loss masks, which binidx cannot hold. Train
 on the .jsonl directly instead; train.py tokenizes it once into a cache with its masks.
@@ -19,8 +20,9 @@ from pathlib import Path
 
 from ..cli import command, run_command
 from ..errors import RWKVPeftError
+from ..io import check_not_inputs
 
-from .binidx import BinIdxWriter, token_dtype_for_vocab
+from .binidx import BinIdxWriter, binidx_paths, token_dtype_for_vocab
 from .sources import detect_jsonl_kind, iter_documents, resolve_data_type
 from .tokenizer import load_tokenizer
 
@@ -43,13 +45,17 @@ def convert(src: str | Path, out_prefix: str | Path, tokenizer, *, progress: boo
     kind = detect_jsonl_kind(path, None) if fmt == "jsonl" else "text"
     if kind != "text":
         raise RWKVPeftError(f"{path} holds chat records ('messages'): " + _SFT_NOTE.format(path=path, fields=""))
+    bin_path, idx_path = binidx_paths(out_prefix)
+    tokenizer_file = getattr(tokenizer, "path", None) or getattr(tokenizer, "vocab_file", None)
+    check_not_inputs([("output", bin_path), ("output", idx_path)], {"input": path, "--tokenizer": tokenizer_file})
     vocab = int(tokenizer.vocab_size)
     eos = int(tokenizer.eos_id)
     dtype = token_dtype_for_vocab(vocab)
+    writer = BinIdxWriter(out_prefix, dtype)  # both outputs checked writable before any work
     bar = tqdm(total=path.stat().st_size, unit="B", unit_scale=True, unit_divisor=1024,
                desc=f"tokenizing {path.name}", disable=not progress, dynamic_ncols=True)
     docs = 0
-    with BinIdxWriter(out_prefix, dtype) as writer:
+    with writer:
         current: list[int] = []
         line = 0
         for ids, _mask, ends, nbytes in iter_documents(path, fmt, kind, tokenizer):

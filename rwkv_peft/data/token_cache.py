@@ -8,14 +8,16 @@ directory (TMPDIR):
 and `NAME.KEY.json` (metadata, written last: a cache without it is ignored). KEY hashes the
 file's path, size and mtime, the tokenizer's identity (class, vocab file, probe ids),
 data_type, sft_fields and the chat template. Every file is written through rwkv_peft.io
-(a temporary name, renamed into place when complete); older caches of the same file with
-the same settings are removed. Readers memory-map the files, so multi-GB data never sits
-in RAM.
+(a temporary name, renamed into place when complete: a full disk is one error line and
+leaves no part of the cache); older caches of the same file with the same settings, and
+temporary files of tokenizing processes that were killed, are removed. Readers memory-map
+the files, so multi-GB data never sits in RAM.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -26,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from rwkv_peft.errors import RWKVPeftError
-from rwkv_peft.io import AtomicFile, atomic_write
+from rwkv_peft.io import AtomicFile, atomic_write, check_not_inputs, remove_stale_temps, temp_path
 
 from .chat_format import CHAT_TEMPLATE
 from .sources import iter_documents
@@ -35,6 +37,7 @@ __all__ = ["CACHE_DIRNAME", "CacheFiles", "cache_dirs", "cached_tokens", "tokeni
 
 CACHE_FORMAT = 1
 CACHE_DIRNAME = ".rwkv_peft_cache"
+_CACHE_HINT = "move the data file to a disk with room (its cache is written beside it, in .rwkv_peft_cache/)"
 _FLUSH_TOKENS = 1 << 20
 _PROBE = "Hello, world! 12345 \u4f60\u597d\u3002\nUser: x\n\nAssistant: y \U0001F600 caf\u00e9"
 
@@ -60,8 +63,8 @@ def _writable(directory: Path) -> bool:
     """Whether a file can be created in directory (made if missing), tried for real."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".probe.", dir=directory)
-        os.close(fd)
+        tmp = temp_path(directory / "probe")
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         os.unlink(tmp)
         return True
     except OSError:
@@ -126,10 +129,15 @@ class _StreamWriter:
     """Token ids (and masks) streamed to their cache files under temporary names; document
     offsets kept in a compact array."""
 
-    def __init__(self, files: CacheFiles, dtype: np.dtype, with_mask: bool):
+    def __init__(self, files: CacheFiles, dtype: np.dtype, with_mask: bool, source: Path):
         self.dtype = dtype
-        self.tokens_file = AtomicFile(files.tokens)
-        self.mask_file = AtomicFile(files.mask) if with_mask else None
+        what, hint = f"the token cache of {source} ({files.dir})", _CACHE_HINT
+        self.tokens_file = AtomicFile(files.tokens, what, hint)
+        try:
+            self.mask_file = AtomicFile(files.mask, what, hint) if with_mask else None
+        except BaseException:
+            self.tokens_file.discard()
+            raise
         self._ids: list[int] = []
         self._mask: list[int] = []
         self.offsets = array("q", [0])
@@ -158,12 +166,12 @@ class _StreamWriter:
     def flush(self) -> None:
         if self._ids:
             arr = np.asarray(self._ids, dtype=np.int64)
-            np.asarray(arr, dtype=self.dtype).tofile(self.tokens_file.file)
+            self.tokens_file.write(memoryview(np.asarray(arr, dtype=self.dtype)))
             self._ids = []
         if self.mask_file is not None and self._mask:
             m = np.asarray(self._mask, dtype=np.uint8)
             self.loss_tokens += int(m.sum(dtype=np.int64))
-            m.tofile(self.mask_file.file)
+            self.mask_file.write(memoryview(m))
             self._mask = []
 
     def commit(self) -> None:
@@ -188,7 +196,10 @@ def _build_cache(path: Path, fmt: str, kind: str, tokenizer, sft_fields, files: 
     eos = int(tokenizer.eos_id)
     with_mask = kind in ("chat", "fields")
     eos_trained = 0 if with_mask else 1
-    writer = _StreamWriter(files, dtype, with_mask)
+    check_not_inputs([("token cache", f) for f in (files.tokens, files.mask, files.docs, files.meta)],
+                     {"the data file": path})
+    remove_stale_temps(files.dir)  # of tokenizing processes that were killed
+    writer = _StreamWriter(files, dtype, with_mask, path)
     total = path.stat().st_size
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, dynamic_ncols=True,
                desc=f"tokenizing {path.name}", disable=not progress, leave=False)
@@ -229,9 +240,12 @@ def _build_cache(path: Path, fmt: str, kind: str, tokenizer, sft_fields, files: 
                 loss_tokens=writer.loss_tokens if with_mask else writer.n_tokens)
     try:
         writer.commit()
-        atomic_write(files.docs, lambda f: np.save(f, np.frombuffer(writer.offsets, dtype=np.int64)))
+        what = f"the token cache of {path} ({files.dir})"
+        docs = io.BytesIO()  # np.save to a file writes past the file object, losing a full disk's errno
+        np.save(docs, np.frombuffer(writer.offsets, dtype=np.int64))
+        atomic_write(files.docs, lambda f: f.write(docs.getbuffer()), what, _CACHE_HINT)
         # the metadata last: a cache without it is ignored
-        atomic_write(files.meta, lambda f: f.write(json.dumps(meta, indent=1).encode("utf-8")))
+        atomic_write(files.meta, lambda f: f.write(json.dumps(meta, indent=1).encode("utf-8")), what, _CACHE_HINT)
     finally:
         writer.abort()  # removes temporary files that were not moved into place
     _remove_stale(files, meta)
@@ -263,6 +277,7 @@ def cached_tokens(path: Path, fmt: str, kind: str, tokenizer, sft_fields: tuple[
         files = CacheFiles(d, path.name, key)
         meta = _read_cache(files, key)
         if meta is not None:
+            remove_stale_temps(d)  # of tokenizing processes that were killed
             return files, meta, True
     directory = preferred
     if not _writable(preferred):

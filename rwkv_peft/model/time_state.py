@@ -61,7 +61,7 @@ def check_states(states: Mapping[str, torch.Tensor], config: RWKVConfig, source:
     recorded: the version and sizes the file says it was trained on, when it says.
     """
     kind = f"RWKV-{config.version}"
-    if recorded and recorded.get("version") != config.version:
+    if recorded and recorded.get("version") and recorded.get("version") != config.version:
         raise RWKVPeftError(f"{source} is a state for RWKV-{recorded.get('version')}, but the base is {kind}; "
                             "pass a state trained on this base")
     H, N, L = config.n_head, config.head_size, config.n_layer
@@ -102,9 +102,15 @@ def read_state_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
             recorded = json.loads(meta[META_KEY]) if META_KEY in meta else None
         except (SafetensorError, OSError, ValueError) as e:
             raise RWKVPeftError(f"state file {path} is not a readable safetensors file: {e}") from None
-    sd = load_tensor_file(path, what="state file")
+        if recorded is not None and not (isinstance(recorded, dict) and recorded.get("version") in (6, 7)):
+            raise RWKVPeftError(f"state file {path}: its {META_KEY} metadata is malformed (expected a table with "
+                                "version 6 or 7); re-save it with merge.py --state_only")
+    sd = load_tensor_file(path, what="state file")  # refuses NaN and Inf, naming the tensor
     states = {}
     for key, t in sd.items():
+        if not isinstance(key, str):
+            raise RWKVPeftError(f"state file {path}: key {key!r} is not a tensor name (it is of type "
+                                f"{type(key).__name__})")
         key = key.removeprefix("model.")
         if not is_state_key(key):
             raise RWKVPeftError(f"{path} is not a state file: it holds '{key}' (a state file holds only "

@@ -9,8 +9,14 @@ official module names:
     <official key>                                               whole tensors of --train_parts
     blocks.<i>.att.time_state [H, N, N] fp32                     the learned initial state (state tuning)
 and metadata "rwkv_peft" = JSON {"layers": {module: {"method", hyperparameters}},
-"parts": [...], "base": {what the base was: sizes, file, fingerprint}}, plus "quant":
-{"format": "nf4" | "int8", "targets": "adapted" | "all"} when the base was quantized in training.
+"parts": [...], "base": {what the base was: sizes, file, fingerprint, fingerprint_version}},
+plus "quant": {"format": "nf4" | "int8", "targets": "adapted" | "all"} when the base was
+quantized in training. Every field is checked for its type when read: a damaged or foreign
+config is one line naming the field.
+
+The base fingerprint (fingerprint_version 2) hashes every value of every tensor. Adapters
+written before it have no fingerprint_version: their fingerprint sampled about a thousand
+values per tensor, and they are checked with that same sampled hash (_sampled_fingerprint).
 
 Adapter files of the RWKV-PEFT project (.pth) are read too: <module>.disha (2-D = Bone,
 3-D = Bat), <module>.bone, <module>.lora_A/lora_B, an optional "model." key prefix. Their
@@ -22,8 +28,11 @@ the caller must say which, as lora_alpha or pissa_init; nothing is guessed.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
+import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -31,7 +40,7 @@ from typing import Mapping
 import torch
 
 from ..errors import RWKVPeftError
-from ..io import atomic_write, load_tensor_file
+from ..io import atomic_write, check_finite, load_tensor_file
 from ..model.config import infer_config
 from ..model.rwkv import RWKV
 from ..model.time_state import check_states, is_state_key, set_time_state, state_parts
@@ -52,11 +61,42 @@ class Adapter:
     quant: dict | None = None                        # how the frozen base was quantized in training (None: not)
 
 
-def base_fingerprint(sd: Mapping[str, torch.Tensor]) -> str:
-    """A fast content hash of a checkpoint: names, shapes, and a strided sample of each tensor.
+FINGERPRINT_VERSION = 2   # 2: every value (base_fingerprint); none recorded: 1, sampled (_sampled_fingerprint)
+_HASH_CHUNK = 1 << 24     # elements hashed at a time: bounded temporaries for fp32 tensors
 
-    Samples are rounded to bf16, so the same weights stored as fp32 or bf16 agree.
+
+def base_fingerprint(sd: Mapping[str, torch.Tensor]) -> str:
+    """A content hash of a checkpoint: every tensor's name, shape and every one of its values.
+
+    Floating-point values are rounded to bf16 first, so the same weights stored as fp32 or bf16
+    (or loaded into an fp32 model from a bf16 file) agree; the bytes are hashed in C order.
+    Tensors are hashed in parallel (hashlib and torch release the GIL): about the time of
+    reading the file once.
     """
+    keys = sorted(sd)
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        digests = list(pool.map(lambda key: _tensor_digest(key, sd[key]), keys))
+    h = hashlib.sha256()
+    for digest in digests:
+        h.update(digest)
+    return h.hexdigest()[:16]
+
+
+def _tensor_digest(key: str, t: torch.Tensor) -> bytes:
+    h = hashlib.sha256(f"{key}{tuple(t.shape)}".encode())
+    flat = t.detach().reshape(-1)
+    for start in range(0, flat.numel(), _HASH_CHUNK):
+        chunk = flat[start:start + _HASH_CHUNK]
+        if chunk.is_floating_point():
+            chunk = chunk.to(torch.bfloat16)
+        h.update(chunk.cpu().contiguous().view(torch.uint8).numpy())
+    return h.digest()
+
+
+def _sampled_fingerprint(sd: Mapping[str, torch.Tensor]) -> str:
+    """The fingerprint of adapters written before FINGERPRINT_VERSION 2 (names, shapes and a
+    strided sample of about a thousand values per tensor, rounded to bf16): kept only to check
+    those adapters as they were written."""
     h = hashlib.sha256()
     for key in sorted(sd):
         t = sd[key]
@@ -67,10 +107,13 @@ def base_fingerprint(sd: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
+FINGERPRINTS = {1: _sampled_fingerprint, 2: base_fingerprint}
+
+
 def describe_base(sd: Mapping[str, torch.Tensor], config, path: str | os.PathLike | None) -> dict:
     return {"version": config.version, "n_layer": config.n_layer, "n_embd": config.n_embd,
             "vocab_size": config.vocab_size, "path": str(Path(path).resolve()) if path else None,
-            "fingerprint": base_fingerprint(sd)}
+            "fingerprint": base_fingerprint(sd), "fingerprint_version": FINGERPRINT_VERSION}
 
 
 def save_adapter(path: str | os.PathLike, methods: Mapping[str, PeftMethod],
@@ -129,17 +172,8 @@ def _read_ours(path: Path) -> Adapter:
     if "rwkv_peft" not in meta:
         raise RWKVPeftError(f"adapter {path} has no rwkv_peft config in its metadata; "
                             "was it written by rwkv-peft?")
-    try:
-        config = json.loads(meta["rwkv_peft"])
-        layers = {m: (spec["method"], {k: v for k, v in spec.items() if k != "method"})
-                  for m, spec in config["layers"].items()}
-        part_keys = list(config.get("parts", []))
-        quant = config.get("quant")
-        if quant is not None and (quant["format"] not in QUANT_FORMATS or quant.get("targets", "adapted")
-                                  not in QUANT_TARGETS):
-            raise ValueError(f"unknown quantization {quant}; this version knows {', '.join(QUANT_FORMATS)}")
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise RWKVPeftError(f"adapter {path}: malformed rwkv_peft config ({e})") from None
+    layers, part_keys, base, quant = _parse_config(path, meta["rwkv_peft"])
+    check_finite(flat, f"adapter {path}")
     tensors: dict[str, dict[str, torch.Tensor]] = {m: {} for m in layers}
     parts = {}
     for key, t in flat.items():
@@ -153,7 +187,95 @@ def _read_ours(path: Path) -> Adapter:
     for key in part_keys:
         if key not in parts:
             raise RWKVPeftError(f"adapter {path}: missing trained tensor '{key}'")
-    return Adapter(layers, tensors, parts, config.get("base"), str(path), quant)
+    return Adapter(layers, tensors, parts, base, str(path), quant)
+
+
+class _Malformed(Exception):
+    """A field of an adapter's config with the wrong type or value (the message says which)."""
+
+
+def _parse_config(path: Path, text: str) -> tuple[dict, list, dict | None, dict | None]:
+    """(layers, part keys, base, quant) of an adapter's rwkv_peft metadata, every field checked."""
+    try:
+        try:
+            config = json.loads(text)
+        except ValueError as e:
+            raise _Malformed(f"not valid JSON: {e}") from None
+        _expect(isinstance(config, dict), "the config", "a JSON object", config)
+        raw_layers = config.get("layers", {})
+        _expect(isinstance(raw_layers, dict), "'layers'", "a table of layer -> settings", raw_layers)
+        layers = {module: _layer_spec(module, spec) for module, spec in raw_layers.items()}
+        part_keys = config.get("parts", [])
+        _expect(isinstance(part_keys, list) and all(isinstance(k, str) for k in part_keys), "'parts'",
+                "a list of tensor names", part_keys)
+        return layers, list(part_keys), _base_record(config.get("base")), _quant_record(config.get("quant"))
+    except _Malformed as e:
+        raise RWKVPeftError(f"adapter {path}: malformed rwkv_peft config ({e}); re-save it with rwkv-peft, "
+                            "or use the file it was copied from") from None
+
+
+def _expect(ok: bool, field: str, expected: str, got) -> None:
+    if not ok:
+        shown = json.dumps(got) if not isinstance(got, (dict, list)) else type(got).__name__
+        raise _Malformed(f"{field} must be {expected}, got {shown[:60]}")
+
+
+def _layer_spec(module: str, spec) -> tuple[str, dict]:
+    """(method, hyperparameters) of one layer, checked against the method's constructor."""
+    _expect(isinstance(spec, dict), f"layer '{module}'", "a table with a 'method'", spec)
+    method = spec.get("method")
+    _expect(method in METHODS, f"layer '{module}' method", f"one of {', '.join(METHODS)}", method)
+    hparams = {k: v for k, v in spec.items() if k != "method"}
+    params = inspect.signature(METHODS[method].__init__).parameters
+    known = [name for name in params if name not in ("self", "in_features", "out_features")]
+    for name, value in hparams.items():
+        _expect(name in known, f"layer '{module}' setting '{name}'", f"one of {', '.join(known)} for {method}",
+                name)
+        if name in ("r", "svd_niter"):  # sizes and counts
+            ok = (isinstance(value, int) and not isinstance(value, bool) and value >= (1 if name == "r" else 0)
+                  or (value is None and name != "r"))
+            _expect(ok, f"layer '{module}' {name}", "a positive whole number" if name == "r" else
+                    "a whole number or null", value)
+        elif name == "dropout":
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1
+            _expect(ok, f"layer '{module}' dropout", "a number in [0, 1)", value)
+        else:
+            ok = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                   and math.isfinite(value))
+            _expect(ok, f"layer '{module}' {name}", "a finite number", value)
+    missing = [name for name in known if params[name].default is inspect.Parameter.empty and name not in hparams]
+    _expect(not missing, f"layer '{module}'", f"a table with '{missing[0] if missing else ''}'", spec)
+    return method, hparams
+
+
+_BASE_FIELDS = {"version": (int, "6 or 7"), "n_layer": (int, "a whole number"), "n_embd": (int, "a whole number"),
+                "vocab_size": (int, "a whole number"), "path": (str, "a path"), "fingerprint": (str, "a string"),
+                "fingerprint_version": (int, f"one of {', '.join(map(str, FINGERPRINTS))}")}
+
+
+def _base_record(base) -> dict | None:
+    if base is None:
+        return None
+    _expect(isinstance(base, dict), "'base'", "a table", base)
+    for name, (kind, expected) in _BASE_FIELDS.items():
+        value = base.get(name)
+        ok = value is None or (isinstance(value, kind) and not isinstance(value, bool))
+        if ok and value is not None and name == "version":
+            ok = value in (6, 7)
+        if ok and value is not None and name == "fingerprint_version":
+            ok = value in FINGERPRINTS
+        _expect(ok, f"base {name}", expected, value)
+    return base
+
+
+def _quant_record(quant) -> dict | None:
+    if quant is None:
+        return None
+    _expect(isinstance(quant, dict), "'quant'", "a table", quant)
+    if quant.get("format") not in QUANT_FORMATS or quant.get("targets", "adapted") not in QUANT_TARGETS:
+        raise _Malformed(f"unknown quantization {json.dumps(quant)[:80]}; this version knows formats "
+                         f"{', '.join(QUANT_FORMATS)} and targets {', '.join(QUANT_TARGETS)}")
+    return quant
 
 
 def _read_rwkv_peft(path: Path, lora_alpha: float | None, pissa_init: str | os.PathLike | None) -> Adapter:
@@ -162,6 +284,9 @@ def _read_rwkv_peft(path: Path, lora_alpha: float | None, pissa_init: str | os.P
     sd = load_tensor_file(path, what="adapter")
     layers, tensors, parts = {}, {}, {}
     for key, t in sd.items():
+        if not isinstance(key, str):
+            raise RWKVPeftError(f"adapter {path}: key {key!r} is not a tensor name (it is of type "
+                                f"{type(key).__name__}); is it an adapter file?")
         if not isinstance(t, torch.Tensor):
             raise RWKVPeftError(f"adapter {path}: key '{key}' is not a tensor")
         key = key.removeprefix("model.")
@@ -207,7 +332,12 @@ def _read_rwkv_peft(path: Path, lora_alpha: float | None, pissa_init: str | os.P
 
 def _read_pissa_init(path: Path, modules: list[str]) -> dict[str, dict[str, torch.Tensor]]:
     """RWKV-PEFT's init_pissa.pth: [model.]<module>.init_lora_A / init_lora_B for every PiSSA layer."""
-    sd = {k.removeprefix("model."): v for k, v in load_tensor_file(path, what="--pissa_init file").items()}
+    loaded = load_tensor_file(path, what="--pissa_init file")
+    for key in loaded:
+        if not isinstance(key, str):
+            raise RWKVPeftError(f"--pissa_init {path}: key {key!r} is not a tensor name (it is of type "
+                                f"{type(key).__name__}); is it the init_pissa.pth of this adapter's run?")
+    sd = {k.removeprefix("model."): v for k, v in loaded.items()}
     init = {}
     for module in modules:
         pair = {}
@@ -234,16 +364,49 @@ def recorded_base(adapter: Adapter, name: str | os.PathLike, fix: str, what: str
     return base
 
 
+_V6_NAMES = ("att.gate", "ffn.receptance", "att.time_maa", "att.time_decay", "att.time_faaaa", "ffn.time_maa")
+_V7_NAMES = ("att.x_", "att.w0", "att.w1", "att.w2", "att.a0", "att.a1", "att.a2", "att.v0", "att.v1", "att.v2",
+             "att.g1", "att.g2", "att.k_k", "att.k_a", "att.r_k", "ffn.x_k")
+
+
+def adapter_version(adapter: Adapter) -> int | None:
+    """The RWKV version an adapter was trained on: as recorded, else as its layer and tensor names
+    say (RWKV-6 has att.gate, ffn.receptance, time_maa_*; RWKV-7 x_*, w0..g2, k_k ...), else None."""
+    recorded = (adapter.base or {}).get("version")
+    if recorded:
+        return recorded
+    names = [k.split(".", 2)[2] for k in [*adapter.layers, *adapter.parts]
+             if k.startswith("blocks.") and k.count(".") >= 2]
+    v6 = any(n.startswith(_V6_NAMES) for n in names)
+    v7 = any(n.startswith(_V7_NAMES) for n in names)
+    return 6 if v6 and not v7 else 7 if v7 and not v6 else None
+
+
 def check_base(adapter: Adapter, sd: Mapping[str, torch.Tensor], base_name: str) -> None:
-    """Refuse a base the adapter was not trained on (layer shapes, then content fingerprint)."""
+    """Refuse a base the adapter was not trained on: the RWKV version, layer shapes, then the
+    content fingerprint (of the kind the adapter recorded)."""
+    try:
+        config = infer_config(sd)
+    except RWKVPeftError as e:
+        raise RWKVPeftError(f"base {base_name}: {e}") from None
+    trained_on = (adapter.base or {}).get("path") or "unknown"
+    version = adapter_version(adapter)
+    if version is not None and version != config.version:
+        how = "was trained on" if (adapter.base or {}).get("version") else "has the layers of"
+        raise RWKVPeftError(f"{adapter.source} {how} an RWKV-{version} model, but base {base_name} is "
+                            f"RWKV-{config.version}; pass an RWKV-{version} base (it was trained on: {trained_on})")
     for module, (method, hparams) in adapter.layers.items():
         key = f"{module}.weight"
         if key not in sd:
-            raise RWKVPeftError(f"{adapter.source} adapts '{module}', but base {base_name} has no '{key}'")
+            raise RWKVPeftError(f"{adapter.source} adapts '{module}', but base {base_name} (RWKV-{config.version}) "
+                                f"has no '{key}'; was it trained on another model?")
+        if sd[key].dim() != 2:
+            raise RWKVPeftError(f"{adapter.source} adapts '{module}', which is no linear layer of base {base_name} "
+                                f"('{key}' has shape {list(sd[key].shape)}); was it trained on another model?")
         out_f, in_f = sd[key].shape
         try:
             fitted = METHODS[method](in_f, out_f, **hparams)
-        except (RWKVPeftError, TypeError, KeyError) as e:
+        except (RWKVPeftError, TypeError, KeyError, ValueError, RuntimeError) as e:
             raise RWKVPeftError(f"{adapter.source} does not fit base {base_name} at {module}: {e}") from None
         expected = {name: list(t.shape) for name, t in fitted.tensors().items()}
         for name, t in adapter.tensors.get(module, {}).items():
@@ -252,7 +415,7 @@ def check_base(adapter: Adapter, sd: Mapping[str, torch.Tensor], base_name: str)
                                     f"{base_name} needs {expected[name]}; was it trained on another model?")
     states = state_parts(adapter.parts)
     if states:  # a base without a state of its own gets one
-        check_states(states, infer_config(sd), adapter.source, adapter.base)
+        check_states(states, config, adapter.source, adapter.base)
     for key, t in adapter.parts.items():
         if key in states:
             continue
@@ -261,10 +424,12 @@ def check_base(adapter: Adapter, sd: Mapping[str, torch.Tensor], base_name: str)
             raise RWKVPeftError(f"{adapter.source}: trained tensor '{key}' {list(t.shape)} does not fit base "
                                 f"{base_name} ({have})")
     recorded = (adapter.base or {}).get("fingerprint")
-    if recorded and recorded != base_fingerprint(sd):
-        trained_on = (adapter.base or {}).get("path") or "unknown"
-        raise RWKVPeftError(f"{adapter.source} was trained on a different base (fingerprint {recorded}, "
-                            f"{base_name} has {base_fingerprint(sd)}); pass the base it was trained on: {trained_on}")
+    if recorded:
+        # adapters without a fingerprint_version were written with the sampled fingerprint
+        fingerprint = FINGERPRINTS[(adapter.base or {}).get("fingerprint_version") or 1](sd)
+        if recorded != fingerprint:
+            raise RWKVPeftError(f"{adapter.source} was trained on a different base (fingerprint {recorded}, "
+                                f"{base_name} has {fingerprint}); pass the base it was trained on: {trained_on}")
 
 
 def apply_adapter(model: RWKV, adapter: Adapter) -> dict[str, PeftMethod]:

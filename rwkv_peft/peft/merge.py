@@ -6,6 +6,7 @@ computed in fp32 and cast to the base dtype once.
 
 from __future__ import annotations
 
+import os
 from typing import Mapping
 
 import torch
@@ -94,15 +95,25 @@ def newest_adapter(root: str = "out") -> str:
     return str(found[-1])
 
 
+def _protected_inputs(adapter: Adapter, adapter_path: str, base: str | None, pissa_init: str | None = None) -> dict:
+    """What an output must not be: the command's inputs, and the base the adapter records."""
+    return {"--adapter": adapter_path, "--base": base, "--pissa_init": pissa_init,
+            "the base the adapter was trained on": (adapter.base or {}).get("path")}
+
+
 def merge_files(base: str | None, adapter_path: str, output: str | None, *, verify: bool = True,
                 lora_alpha: float | None = None, pissa_init: str | None = None, log=print) -> str:
     """Merge adapter_path into base and write output atomically; returns the output path.
 
     base None: the base recorded in the adapter. output None: merged.pth beside the adapter.
+    Everything that can be checked is checked before the merge starts: the output is none of the
+    inputs, its directory is writable and has room for it. The merged weights are checked to be
+    finite before they are written, with or without verify.
     """
     from pathlib import Path
 
-    from ..io import check_checkpoint_suffix, check_writable_dir, load_tensor_file, save_checkpoint_file
+    from ..io import (check_checkpoint_suffix, check_finite, check_not_inputs, check_output_file, load_tensor_file,
+                      save_checkpoint_file, tensor_bytes)
     from .adapter_file import check_base, read_adapter, recorded_base
 
     output = output or str(Path(adapter_path).with_name("merged.pth"))
@@ -110,16 +121,18 @@ def merge_files(base: str | None, adapter_path: str, output: str | None, *, veri
     adapter = read_adapter(adapter_path, lora_alpha=lora_alpha, pissa_init=pissa_init)
     if base is None:
         base = recorded_base(adapter, adapter_path, "pass --base FILE")
-    for given, flag in ((base, "--base"), (adapter_path, "--adapter")):
-        if Path(output).resolve() == Path(given).resolve():
-            raise RWKVPeftError(f"--output {output} is the same file as {flag}; choose another output path")
-    check_writable_dir(Path(output).parent, lambda out_dir: f"--output {output}: {out_dir} is not a writable "
-                       "directory; choose another output path")
+    check_not_inputs({"--output": output}, _protected_inputs(adapter, adapter_path, base, pissa_init))
+    # the merged file takes about what the base file does (plus a learned state it may lack)
+    size = os.path.getsize(base) + tensor_bytes(adapter.parts) if os.path.isfile(base) else None
+    check_output_file(output, f"--output {output}", size=size)
     log(f"base:    {base}\nadapter: {adapter_path} ({len(adapter.layers)} adapted layers, "
         f"{len(adapter.parts)} whole tensors)")
-    base_sd = load_tensor_file(base)
+    base_sd = load_tensor_file(base)  # refuses NaN and Inf, naming the tensor
     check_base(adapter, base_sd, base)
     merged = merge_adapter(base_sd, adapter, progress=True)
+    changed = {f"{module}.weight" for module in adapter.layers} | set(adapter.parts)
+    check_finite({k: merged[k] for k in sorted(changed)}, f"the merge of {adapter_path} into {base}",
+                 f"the adapted weights do not fit the base's number format; nothing was written to {output}")
     if verify:
         log(check_merge(base_sd, adapter, merged, base_sd["emb.weight"].dtype))
     save_checkpoint_file(merged, output, "--output")
@@ -132,22 +145,27 @@ def write_state_only(adapter_path: str, output: str | None, base: str | None = N
     what desktop runtimes load beside an unchanged base. base, if given, is checked to fit."""
     from pathlib import Path
 
-    from ..io import load_tensor_file
+    from ..io import check_checkpoint_suffix, check_not_inputs, check_output_file, load_tensor_file
     from ..model.config import infer_config
     from ..model.time_state import check_states, save_state_file
     from .adapter_file import read_adapter
 
     output = output or str(Path(adapter_path).with_name("state.pth"))
+    check_checkpoint_suffix(output, "--output")
     adapter = read_adapter(adapter_path)
     states = state_parts(adapter.parts)
     if not states:
         raise RWKVPeftError(f"--state_only: {adapter_path} holds no learned state (blocks.<i>.att.time_state); "
                             "train one with --train_parts state")
-    if Path(output).resolve() == Path(adapter_path).resolve():
-        raise RWKVPeftError(f"--output {output} is the same file as --adapter; choose another output path")
+    check_not_inputs({"--output": output}, _protected_inputs(adapter, adapter_path, base))
+    check_output_file(output, f"--output {output}")
     version = (adapter.base or {}).get("version")
     if base is not None:
-        config = infer_config(load_tensor_file(base))
+        base_sd = load_tensor_file(base)
+        try:
+            config = infer_config(base_sd)
+        except RWKVPeftError as e:
+            raise RWKVPeftError(f"--base {base}: {e}") from None
         check_states(states, config, adapter_path, adapter.base)
         version = config.version
     others = len(adapter.layers) + len(adapter.parts) - len(states)

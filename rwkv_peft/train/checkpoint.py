@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import RWKVPeftError
-from ..io import atomic_write
+from ..io import atomic_write, write_error
 from ..peft.adapt import set_frozen_weight
 
 LATEST = "latest"
@@ -50,10 +50,15 @@ def save_checkpoint(engine, proj_dir: Path, step: int, trainer_state: dict, keep
     tmp_tag = f".{name}.tmp"
     if dist.get_rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(root / tmp_tag, ignore_errors=True)
+        for stale in root.glob(".step-*.tmp"):  # left by a killed run: this run owns the directory
+            shutil.rmtree(stale, ignore_errors=True)
     dist.barrier()
-    engine.save_checkpoint(str(root), tag=tmp_tag, client_state={"trainer": trainer_state},
-                           save_latest=False, exclude_frozen_parameters=True)
+    try:
+        engine.save_checkpoint(str(root), tag=tmp_tag, client_state={"trainer": trainer_state},
+                               save_latest=False, exclude_frozen_parameters=True)
+    except (OSError, RuntimeError) as e:  # a full disk: torch reports it as a RuntimeError
+        shutil.rmtree(root / tmp_tag, ignore_errors=True)
+        raise write_error(root / name, e, f"checkpoint {root / name}") from e
     dist.barrier()
     final = root / name
     if dist.get_rank() == 0:

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from ..errors import RWKVPeftError
-from ..io import atomic_write
+from ..io import append_line, atomic_write
 
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
 
@@ -75,8 +75,7 @@ class Report:
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_line(self.metrics_path, json.dumps(record))
         scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
         for backend in self.backends:
             backend.log(record["step"], scalars)

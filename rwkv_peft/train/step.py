@@ -87,10 +87,18 @@ class Stepper:
 
     def _check_skip_allowance(self, bad: int, loss, step: int, micro: int, first: int) -> None:
         if self.skipped + bad > self.args.skip_nonfinite:
+            last = first + self.args.micro_bsz - 1
+            samples = f"samples {first}..{last}" if last > first else f"sample {first}"
+            if step == 0:  # no update yet: the weights are the base's, which loading checked to be finite
+                cause = ("before any update, so the learning rate is not the cause: the model's numbers overflow "
+                         "on this data (check those samples; --precision fp32 if it was bf16 or fp16)")
+            else:
+                cause = ("the weights may have diverged (a lower --lr_init helps then), or those samples overflow "
+                         "the model's numbers")
             raise RWKVPeftError(
-                f"loss became {loss.item()} at step {step + 1} (micro batch {micro + 1}, samples from "
-                f"{first}); stopped without saving, the last checkpoint in {self.checkpoints} "
-                "is intact. Lower --lr_init, check the data, or allow skips with --skip_nonfinite N")
+                f"loss became {loss.item()} at step {step + 1} (micro batch {micro + 1}, {samples} in the run's "
+                f"data order), {cause}; stopped without saving: {self._kept()}. --skip_nonfinite N lets up to "
+                "N such micro batches pass without a gradient")
 
     def _check_grad_norm(self, step: int, bad: int) -> None:
         """In fp16, DeepSpeed's loss scaler owns overflow: it skips that step, reports the norm as
@@ -98,6 +106,15 @@ class Stepper:
         grad_norm = self.engine.get_global_grad_norm()
         if (grad_norm is not None and not math.isfinite(float(grad_norm)) and not bad
                 and not self.engine.fp16_enabled()):
-            raise RWKVPeftError(f"gradient norm became {grad_norm} at step {step + 1}; stopped without saving, "
-                                f"the last checkpoint in {self.checkpoints} is intact. "
-                                "Lower --lr_init or use --precision fp32")
+            raise RWKVPeftError(f"gradient norm became {grad_norm} at step {step + 1}; stopped without saving: "
+                                f"{self._kept()}. Lower --lr_init or use --precision fp32")
+
+    def _kept(self) -> str:
+        """What the run has to go back to, as it is on disk."""
+        try:
+            name = (self.checkpoints / "latest").read_text().strip()
+        except OSError:
+            name = ""
+        if name and (self.checkpoints / name / "trainer.json").is_file():
+            return f"the last checkpoint, {self.checkpoints / name}, is intact"
+        return "this run has saved no checkpoint yet"

@@ -39,6 +39,7 @@ from .engine import (device_for_rank, import_deepspeed, make_optimizer, optimize
 from .interrupt import StopRequest, survive_lost_output
 from .objectives import BAR, load_objective_data, make_objective
 from .outputs import Outputs, peak_memory_mb
+from .own_files import check_run_outputs
 from .report import require_backends
 from .schedule import Schedule, plan_schedule
 from .settings import default_method, resolve, trains_whole_model
@@ -100,6 +101,7 @@ def _prepare(args: TrainArgs, main: bool, world: int) -> Run:
     if not args.dry_run:  # fail before any work if the run could not write (creating nothing)
         check_writable_dir(proj_dir, lambda existing: f"--proj_dir {proj_dir} cannot be written ({existing} is "
                            "not a writable directory); choose another --proj_dir", nearest_existing=True)
+        check_run_outputs(args, trains_whole_model(args, parse_rules(args.peft_rules)))  # outputs are no inputs
     require_backends(args.report_to)
     set_wkv_op(args.op)
     if args.op == "cuda" and not torch.cuda.is_available():
