@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import resource
+import shlex
 from dataclasses import asdict
 from pathlib import Path
 
@@ -117,6 +118,8 @@ class Outputs:
             plot_losses(self.metrics, self.proj_dir / "loss.png")
             log("\n" + "  ".join(f"{k}: {v}" for k, v in summary.items()))
             log(f"wrote {self.final}")
-            log(f"next: python -m rwkv_peft.run --model {self.final}" if self.run.full
-                else f"next: python merge.py --adapter {self.final}")
+            # commands that work exactly as printed (the tokenizer named when it is not found by itself)
+            tokenizer = [] if self.args.tokenizer == "auto" else ["--tokenizer", self.args.tokenizer]
+            log("next: " + (shlex.join(["python", "-m", "rwkv_peft.run", "--model", str(self.final), *tokenizer])
+                            if self.run.full else shlex.join(["python", "merge.py", "--adapter", str(self.final)])))
         return summary
