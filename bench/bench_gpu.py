@@ -535,15 +535,13 @@ def main(argv=None) -> int:
                       f"[{row['status']}]", flush=True)
 
     if not args.skip_train:
-        from rwkv_peft.train.engine import import_deepspeed, set_launcher_env
+        from rwkv_peft.train.engine import import_deepspeed, init_process_group
 
-        set_launcher_env()
+        init_process_group()
         deepspeed = import_deepspeed()
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         import torch.distributed as dist
 
-        if not dist.is_initialized():
-            deepspeed.init_distributed(dist_backend="nccl", verbose=False)
         wkv_dispatch.set_op(args.op)
         print(f"WKV op in the model: {args.op}")
         try:

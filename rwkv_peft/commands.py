@@ -41,9 +41,10 @@ def train(argv=None, prog: str | None = None) -> int:
 
 def _train(argv, prog: str) -> None:
     args = parse_args(argv, prog=prog, description=_help(TRAIN_HELP))  # --help exits here, before the heavy imports
+    from .train.run_settings import given_flags
     from .train.trainer import train as run_training
 
-    run_training(args)
+    run_training(args, given_flags(argv))  # given: what a --resume checks against the run's settings
 
 
 def merge(argv=None, prog: str | None = None) -> int:

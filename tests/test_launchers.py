@@ -78,8 +78,8 @@ def test_ctrl_c_under_torchrun_saves_once_with_one_message(work):
     """The terminal signals the whole process group: torchrun and both workers. torchrun
     forwards the signal again; that must not count as a second (abort) Ctrl-C."""
     args = [*COMMON, "--peft", "bone", "--proj_dir", "torchrun-stop", "--max_steps", "400"]
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                             f"--master_port={free_port()}", str(ROOT / "train.py"), *args], cwd=work,
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(ROOT / "train.py"), *args], cwd=work,
                             env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     wait_for_steps(work / "torchrun-stop", 3, proc)

@@ -5,7 +5,6 @@ steps learn."""
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -53,12 +52,9 @@ def run_script(work: Path, script: str, *args, nproc: int = 1, check: bool = Tru
     """Run train.py / merge.py (or torchrun with nproc processes) in work; returns the process."""
     if nproc == 1:
         cmd = [sys.executable, str(ROOT / script)]
-    else:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={port}", str(ROOT / script)]
+    else:  # --standalone: torchrun binds a free port itself (a port probed here could be taken before it)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(ROOT / script)]
     proc = subprocess.run(cmd + [str(a) for a in args], cwd=work, env=clean_env(), capture_output=True, text=True,
                           timeout=timeout)
     if check and proc.returncode != 0:

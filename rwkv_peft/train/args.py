@@ -22,6 +22,10 @@ from ..peft.quant import QUANT_FORMATS, QUANT_TARGETS
 
 LR_INIT = 1e-4  # --lr_init when none is given, except on the embedded demo (trainer.DEMO_LR)
 STATE_LR = 1.0  # --state_lr when none is given: the state needs a far higher rate than weights (README)
+# what --resume may change of a run's own settings (run_settings.py); the rest are the run's
+RESUME_CHANGES = ("max_steps", "epochs", "save_every", "keep_last", "eval_every", "eval_generate", "early_stop",
+                  "report_to", "skip_nonfinite", "grad_cp", "cpu_malloc", "op")
+SEGMENT_FLAGS = ("stop_at_step", "dry_run", "debug")  # a command's own: never taken from the run
 STRATEGIES = ("deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_2_offload",
               "deepspeed_stage_3", "deepspeed_stage_3_offload")
 
@@ -154,7 +158,10 @@ class _Options:
     model_format: str = opt("pth", "file format of a fully trained model (--peft full or from scratch): pth "
                                    "(model.pth, what official runtimes load) or safetensors (model.safetensors)",
                             "output", choices=("pth", "safetensors"))
-    resume: str | None = opt(None, "continue a run: 'latest' (or no value) or a checkpoint directory", "output",
+    resume: str | None = opt(None, "continue a run with its own settings (its args.json): 'latest' (or no value: "
+                                   "--proj_dir's run, else the newest under out/) or one of its checkpoint "
+                                   "directories. Only these flags may differ from the run's: "
+                                   f"{', '.join('--' + n for n in RESUME_CHANGES + SEGMENT_FLAGS)}", "output",
                              nargs="?", const="latest")
     stop_at_step: int = opt(0, "save a checkpoint and stop at this step, keeping the schedule of --max_steps "
                                "(for time-limited jobs; continue with --resume)", "output", check=non_negative)

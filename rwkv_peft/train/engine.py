@@ -1,17 +1,18 @@
 """Setting up the process group and the DeepSpeed engine, on GPUs or on the CPU.
 
 One path for every run: a plain `python train.py` is a world of one process (we set the
-launcher's variables ourselves); `torchrun` and the `deepspeed` launcher set them for us.
+launcher's variables ourselves, and its process group needs no port); `torchrun` and the
+`deepspeed` launcher set them for us and host the rendezvous.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from ..errors import RWKVPeftError
 from ..io import first_line, read_json
@@ -23,11 +24,37 @@ def set_launcher_env() -> None:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:  # a free port, so two runs on one machine do not collide
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+
+
+def init_process_group() -> None:
+    """The run's process group, set up before anything is decided (the ranks decide the run
+    directory together: run_dir.py). A launcher (torchrun, deepspeed) hosts the rendezvous
+    of a world of several processes (env://). A world of one needs no network: its group
+    meets over an in-process store, so no port is chosen, released and bound again later
+    (which let two runs started together take the same port)."""
+    if dist.is_initialized():
+        return
+    set_launcher_env()
+    device_for_rank()  # NCCL wants each rank's device set before the group starts
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if int(os.environ["WORLD_SIZE"]) == 1:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    else:
+        dist.init_process_group(backend)
+
+
+def destroy_process_group() -> None:
+    """The end of the run's process group, through DeepSpeed when it ran: it also forgets the
+    groups it keeps, which a second run in the same process would otherwise meet."""
+    if not dist.is_initialized():
+        return
+    import sys
+
+    ds_comm = sys.modules.get("deepspeed.comm.comm")
+    if ds_comm is not None and ds_comm.cdb is not None:
+        ds_comm.destroy_process_group()
+    else:
+        dist.destroy_process_group()
 
 
 def quiet_known_notices() -> None:

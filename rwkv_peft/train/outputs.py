@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import resource
+import shlex
 from dataclasses import asdict
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from ..peft.adapter_file import save_adapter
 from .args import TrainArgs
 from .checkpoint import Progress, save_checkpoint
 from .report import Report, plot_losses
+from .run_dir import resume_hint
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -100,7 +102,7 @@ class Outputs:
         """A checkpoint at step, for --resume: after Ctrl-C / SIGTERM, or at --stop_at_step."""
         self.save(step)
         why = "\ninterrupted: saved a checkpoint" if interrupted else "stopped (--stop_at_step): saved a checkpoint"
-        log(f"{why} at step {step}; continue with --resume --proj_dir {self.proj_dir}")
+        log(f"{why} at step {step}\n{resume_hint(self.proj_dir)}")
         self.report.close()
         if interrupted:
             raise KeyboardInterrupt
@@ -128,6 +130,8 @@ class Outputs:
             plot_losses(self.metrics, self.proj_dir / "loss.png")
             log("\n" + "  ".join(f"{k}: {v}" for k, v in summary.items()))
             log(f"wrote {self.final}")
-            log(f"next: {command('run')} --model {self.final}" if self.run.full
-                else f"next: {command('merge')} --adapter {self.final}")
+            # commands that work exactly as printed (the tokenizer named when it is not found by itself)
+            tokenizer = [] if self.args.tokenizer == "auto" else ["--tokenizer", self.args.tokenizer]
+            log(f"next: {command('run')} " + shlex.join(["--model", str(self.final), *tokenizer]) if self.run.full
+                else f"next: {command('merge')} " + shlex.join(["--adapter", str(self.final)]))
         return summary

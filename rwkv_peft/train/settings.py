@@ -1,15 +1,16 @@
 """The run's settings, resolved once: every option the user left out decided, in one place.
 
 `resolve` turns the parsed flags into the frozen settings the whole run reads (and args.json
-records); nothing after it rewrites them. What trains follows from them and the PEFT method
+records); nothing after it rewrites them. A resumed run's settings are its own, read back from
+its args.json (run_settings.py). What trains follows from them and the PEFT method
 registry (`default_method`, `trains_whole_model`).
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -17,15 +18,37 @@ from ..assets import DEMO_BASE, DEMO_DATA, DEMO_PREFERENCE
 from ..errors import RWKVPeftError
 from ..peft.methods import METHODS
 from .args import LR_INIT, STATE_LR, TrainArgs, default_peft
-from .checkpoint import newest_run
 from .engine import config_precision, deepspeed_config
 from .objectives import DEFAULT_BETA, check_objective_args
+from .run_dir import choose_proj_dir
+from .run_settings import continue_settings
 
 DEMO_LR = 1e-3  # the tiny demo model learns its facts far better at 1e-3 than at LR_INIT
 
 
-def resolve(args: TrainArgs, world: int) -> tuple[TrainArgs, dict]:
-    """(the settings with every default decided, the DeepSpeed config) for a run of world processes."""
+def resolve(args: TrainArgs, world: int, given: frozenset[str] | None = None,
+            choose_dir: Callable[[TrainArgs], Path] = choose_proj_dir) -> tuple[TrainArgs, dict]:
+    """(the settings with every default decided, the DeepSpeed config) for a run of world processes.
+
+    choose_dir decides the run directory (the trainer's decides once, on rank 0, for every rank).
+    --resume takes the run's own settings from its args.json; `given` names the flags of the
+    command line (None: those that differ from their defaults), which may change only
+    run_settings.RESUME_CHANGES."""
+    if args.resume:  # the run to continue, and its settings
+        proj_dir = choose_dir(args)
+        args = continue_settings(args, proj_dir, given, auto_precision())
+    args = _decide_defaults(args)
+    config = deepspeed_config(args, world)  # a user's JSON may set the batch sizes and precision
+    if not args.resume:  # decided last: a new default directory is created as it is chosen
+        proj_dir = choose_dir(args)
+    args = replace(args, proj_dir=str(proj_dir))
+    return replace(args, micro_bsz=config["train_micro_batch_size_per_gpu"],
+                   accumulate_grad_batches=config["gradient_accumulation_steps"],
+                   precision=config_precision(config)), config
+
+
+def _decide_defaults(args: TrainArgs) -> TrainArgs:
+    """Every option left out decided (a resumed run's are decided already, in its args.json)."""
     changes = {}
     if args.data_file is None:  # the embedded demo when no data is named
         if not DEMO_DATA.exists():
@@ -38,26 +61,19 @@ def resolve(args: TrainArgs, world: int) -> tuple[TrainArgs, dict]:
     changes["peft"] = args.peft or default_peft(args)
     changes["state_lr"] = STATE_LR if args.state_lr is None else args.state_lr
     if args.precision == "auto":
-        changes["precision"] = "bf16" if torch.cuda.is_available() else "fp32"
+        changes["precision"] = auto_precision()
     if args.beta is None:  # objectives: their defaults (objectives.py)
         changes["beta"] = DEFAULT_BETA.get(args.objective)
     check_objective_args(args)
     args = replace(args, **changes)
     if args.load_model is None and not args.n_layer:
         raise RWKVPeftError("give --load_model FILE to fine-tune, or --n_layer and --n_embd to train from scratch")
-    args = replace(args, proj_dir=str(_proj_dir(args)))
-    config = deepspeed_config(args, world)  # a user's JSON may set the batch sizes and precision
-    return replace(args, micro_bsz=config["train_micro_batch_size_per_gpu"],
-                   accumulate_grad_batches=config["gradient_accumulation_steps"],
-                   precision=config_precision(config)), config
+    return args
 
 
-def _proj_dir(args: TrainArgs) -> Path:
-    if args.proj_dir:
-        return Path(args.proj_dir)
-    if args.resume == "latest":
-        return newest_run(Path("out"))
-    return Path("out") / time.strftime("run-%Y%m%d-%H%M%S")
+def auto_precision() -> str:
+    """--precision auto: bf16 on GPUs, fp32 on CPUs (where bf16 matmuls are slow)."""
+    return "bf16" if torch.cuda.is_available() else "fp32"
 
 
 def default_method(args: TrainArgs) -> tuple[str, dict] | None:

@@ -1,6 +1,7 @@
 """The training run: model and adapters, data, the DeepSpeed engine, the loop, the records.
 
-    train()   resolve the settings, _prepare (no process group needed), then _train
+    train()   the process group, then _prepare (the settings, the run directory held, the
+              model), then _train
     _train()  data and validation, the engine, resume, then _fit: the loop over optimizer
               steps, which calls the named parts: Stepper.step (step.py), Validation,
               Outputs (outputs.py: weights, checkpoints, metrics, summary)
@@ -12,7 +13,6 @@ then needs only DeepSpeed's state (optimizer and trainable weights) and the step
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -34,13 +34,15 @@ from ..peft.quant import import_torchao, quant_summary
 from .args import TrainArgs, check_fits_memory
 from .checkpoint import Progress, find_checkpoint, resume
 from .cpu_memory import place_model
-from .engine import (device_for_rank, import_deepspeed, make_optimizer, optimizer_offloaded, param_groups,
-                     quiet_known_notices, set_launcher_env, weights_only_load)
+from .engine import (destroy_process_group, device_for_rank, import_deepspeed, init_process_group, make_optimizer,
+                     optimizer_offloaded, param_groups, quiet_known_notices, weights_only_load)
 from .interrupt import StopRequest, survive_lost_output
 from .objectives import BAR, load_objective_data, make_objective
 from .outputs import Outputs, peak_memory_mb
 from .own_files import check_run_outputs
 from .report import require_backends
+from .run_dir import RunDirectory, resume_hint
+from .run_settings import changes_from_run
 from .schedule import Schedule, plan_schedule
 from .settings import default_method, resolve, trains_whole_model
 from .step import Stepper
@@ -74,30 +76,34 @@ class Run:
         return {n: sd[n] if self.args.quant != "none" else sd[n].to(DTYPES[self.args.precision]) for n in names}
 
 
-def train(args: TrainArgs) -> dict:
-    """Run training as described by args; returns the summary. Call from every rank."""
-    set_launcher_env()
+def train(args: TrainArgs, given: frozenset[str] | None = None) -> dict:
+    """Run training as described by args; returns the summary. Call from every rank. given: the
+    flags named on the command line, which a --resume checks against the run's own settings
+    (None: those that differ from their defaults)."""
     if not args.debug:
         quiet_known_notices()
     with survive_lost_output():
-        # every input is checked before DeepSpeed starts: errors come at once and leave nothing
-        run = _prepare(args, main=int(os.environ["RANK"]) == 0, world=int(os.environ["WORLD_SIZE"]))
-        deepspeed = import_deepspeed()
-        if not dist.is_initialized():
-            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+        init_process_group()  # first: the ranks decide the run directory together
         try:
-            return _train(run, deepspeed)
+            with RunDirectory() as run_dir:  # held until the run ends; left empty, removed
+                # every input is checked before DeepSpeed starts: errors come at once and leave nothing
+                run = _prepare(args, given, run_dir)
+                return _train(run, import_deepspeed())
         finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()  # ranks that exit without this sometimes abort
+            destroy_process_group()  # ranks that exit without this sometimes abort
 
 
-def _prepare(args: TrainArgs, main: bool, world: int) -> Run:
-    """Settings, output directory, tokenizer, model and adapters: no process group needed."""
+def _prepare(args: TrainArgs, given: frozenset[str] | None, run_dir: RunDirectory) -> Run:
+    """Settings, the run directory, tokenizer, model and adapters."""
+    main, world = dist.get_rank() == 0, dist.get_world_size()
     log = print if main else (lambda *a, **k: None)
-    args, ds_config = resolve(args, world)
+    args, ds_config = resolve(args, world, given, run_dir.choose)
     proj_dir = Path(args.proj_dir)
     resume_from = find_checkpoint(proj_dir, args.resume) if args.resume else None
+    if resume_from is not None:
+        changes = changes_from_run(args)
+        log(f"continuing the run in {proj_dir} with its settings ({proj_dir / 'args.json'})"
+            + (f"; changed: {', '.join(changes)}" if changes else ""))
     if not args.dry_run:  # fail before any work if the run could not write (creating nothing)
         check_writable_dir(proj_dir, lambda existing: f"--proj_dir {proj_dir} cannot be written ({existing} is "
                            "not a writable directory); choose another --proj_dir", nearest_existing=True)
@@ -111,6 +117,8 @@ def _prepare(args: TrainArgs, main: bool, world: int) -> Run:
                             "use --precision bf16 or fp32 here")
     if args.quant != "none":
         import_torchao(args.quant)  # a missing library fails here, before the model loads
+    if not args.dry_run:  # one run per directory: a second one stops here, before the long work
+        run_dir.hold(proj_dir, resuming=resume_from is not None, log=log)
 
     model, tokenizer = _model_and_tokenizer(args, DTYPES[args.precision])
     check_fits_memory(args, model.config.n_layer, model.config.n_embd)
@@ -179,8 +187,7 @@ def _train(run: Run, deepspeed) -> dict:
             f"({data.tokens_total:,} tokens)\none sample, loss-masked spans marked:\n")
         log(data.render(0))
         return {}
-    if main:  # created only now, so that a run that fails on its inputs leaves nothing behind
-        run.proj_dir.mkdir(parents=True, exist_ok=True)
+    if main:  # (the directory is held since _prepare; left empty by a failed run, it is removed)
         if run.new_base is not None and not Path(run.base_path).exists():
             save_checkpoint_file(run.new_base, run.base_path)
             log(f"saved the new model's initial weights to {run.base_path}: the base the adapter merges into")
@@ -194,18 +201,21 @@ def _train(run: Run, deepspeed) -> dict:
     progress = Progress()
     if run.resume_from is not None:
         progress = resume(engine, run.resume_from, run, schedule.global_batch, validation)
-        if progress.step >= schedule.total_steps or validation.should_stop():
-            early = progress.step < schedule.total_steps
-            more = (f"resume with a larger --early_stop than {args.early_stop} (or 0)" if early
-                    else "resume with a larger --max_steps")
-            log(f"the run in {run.proj_dir} is already {'stopped early' if early else 'complete'} ({progress.step} of "
-                f"{schedule.total_steps} steps); nothing was changed. To train more, {more}, or start a new run")
+        if progress.step >= schedule.total_steps:
+            longer = resume_hint(run.proj_dir, "--max_steps", 2 * schedule.total_steps)
+            log(f"the run in {run.proj_dir} is already complete ({progress.step} of {schedule.total_steps} steps); "
+                f"nothing was changed. To train it longer:\n{longer}")
+            return {"steps": progress.step, "complete": True, "proj_dir": str(run.proj_dir)}
+        if validation.should_stop():
+            log(f"the run in {run.proj_dir} already stopped early at step {progress.step} of {schedule.total_steps} "
+                f"(no lower validation loss in {args.early_stop} evaluations); nothing was changed. To train on "
+                f"regardless:\n{resume_hint(run.proj_dir, '--early_stop', 0)}")
             return {"steps": progress.step, "complete": True, "proj_dir": str(run.proj_dir)}
         log(f"resumed from {run.resume_from} at step {progress.step}")
     outputs = Outputs(run, engine, validation, schedule.global_batch, progress, main)
-    outputs.begin(replace(args, grad_cp=memory.grad_cp, cpu_malloc=memory.cpu_malloc))
-    return _fit(run, engine, Stepper(engine, data, args, device, run.proj_dir, objective), schedule, validation,
-                outputs, train_file, device, log)
+    outputs.begin(replace(args, grad_cp=memory.grad_cp, cpu_malloc=memory.cpu_malloc, warmup_steps=schedule.warmup))
+    return _fit(run, engine, Stepper(engine, data, args, device, run.proj_dir, objective), schedule, validation, outputs,
+                train_file, device, log)
 
 
 def _fit(run: Run, engine, stepper: Stepper, schedule: Schedule, validation: Validation, outputs: Outputs,
