@@ -85,6 +85,7 @@ def work(tmp_path_factory):
     # class 5: directories and a FIFO where files go
     (d / "outdir.pth").mkdir()
     (d / "somedir").mkdir()
+    (d / "outdir.gguf").mkdir()
     os.mkfifo(d / "fifo.pth")
     (d / "pair2.idx").mkdir()
     (d / "proj5/adapter.safetensors").mkdir(parents=True)
@@ -204,8 +205,9 @@ SAME = {
 OS = {
     "merge --output a directory": ("merge", ["--adapter", "good.safetensors", "--output", "outdir.pth"],
                                    "--output outdir.pth is a directory"),
-    "merge --output a directory without suffix": ("merge", ["--adapter", "good.safetensors", "--output", "somedir"],
-                                                  "--output somedir is a directory"),
+    # (a name without suffix is a Hugging Face directory: merge.py --format hf)
+    "merge --output a directory named .gguf": ("merge", ["--adapter", "good.safetensors", "--output", "outdir.gguf"],
+                                               "--output outdir.gguf is a directory"),
     "merge --output a FIFO": ("merge", ["--adapter", "good.safetensors", "--output", "fifo.pth"],
                               "fifo.pth exists and is not a regular file"),
     "merge into a missing directory": ("merge", ["--adapter", "good.safetensors", "--output", "nodir/m.pth"],

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import secrets
 import shutil
 from pathlib import Path
 from typing import Callable
 
 from ..errors import RWKVPeftError
-from ..io import check_writable_dir
+from ..io import check_writable_dir, remove_stale_temps, temp_path, write_error
 
 
 def check_new_dir(output: str | os.PathLike, flag: str = "--output") -> Path:
@@ -29,10 +28,11 @@ def write_dir_atomic(output: str | os.PathLike, fill: Callable[[Path], None]) ->
     """fill(tmp) writes every file into a fresh directory beside output, which is then renamed
     to output; on any failure the temporary directory is removed and output is untouched."""
     output = check_new_dir(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.parent / f".{output.name}.{secrets.token_hex(4)}.tmp"
-    tmp.mkdir()
+    tmp = temp_path(output)  # owner-named: one left by a killed process is removed by the next write
     try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(output.parent, output.name)
+        tmp.mkdir()
         fill(tmp)
         for f in tmp.iterdir():  # on disk before the rename makes the directory visible
             with open(f, "rb") as fh:
@@ -40,6 +40,9 @@ def write_dir_atomic(output: str | os.PathLike, fill: Callable[[Path], None]) ->
         if output.exists():
             output.rmdir()  # empty, checked above
         os.replace(tmp, output)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(output, e, f"--output {output}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 from pathlib import Path
 
 import numpy as np
@@ -253,6 +252,3 @@ def read_gguf(path: str | os.PathLike, template: dict[str, torch.Tensor]) -> dic
         tensors[t.name] = torch.from_numpy(np.array(data, dtype=np.float32)).reshape(shape)
     return official_from_gguf(tensors, template)
 
-
-def temp_beside(path: Path) -> Path:
-    return path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..errors import RWKVPeftError
+from ..io import check_not_inputs
 from ..model.hf_names import linear_to_hf
 from ..peft.hf_peft_dir import CONFIG, WEIGHTS
 from .files import write_dir_atomic
@@ -91,11 +92,11 @@ def export_peft(base: str | None, adapter_path: str, output: str, *, verify: boo
     running base + that adapter against base + the original."""
     from ..io import load_tensor_file
     from ..peft.adapter_file import check_base, read_adapter, recorded_base
-    from .verify import check_adapted_logits, check_not_input
+    from .verify import check_adapted_logits
 
     adapter = read_adapter(adapter_path, lora_alpha=lora_alpha, pissa_init=pissa_init)
     config, tensors = peft_tensors(adapter)
-    check_not_input(output, {"--adapter": adapter_path, "--base": base})
+    check_not_inputs({"--output": output}, {"--adapter": adapter_path, "--base": base, "--pissa_init": pissa_init})
     base_sd = None
     if verify:
         base = base or recorded_base(adapter, adapter_path, "pass --base FILE (to verify) or --no_verify")

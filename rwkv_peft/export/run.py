@@ -18,13 +18,14 @@ from pathlib import Path
 
 from ..data.tokenizer import tokenizer_for
 from ..errors import RWKVPeftError
-from ..io import check_checkpoint_suffix, check_writable_dir, load_tensor_file, save_checkpoint_file
+from ..io import (check_checkpoint_suffix, check_not_inputs, check_output_file, load_tensor_file, remove_stale_temps,
+                  save_checkpoint_file, temp_path, write_error)
 from ..model.config import infer_config
 from ..peft.merge import TOLERANCE, check_merge, merge_adapter, merge_files
 from .files import check_new_dir, write_dir_atomic
-from .gguf import GGUF_TYPES, read_gguf, temp_beside, write_gguf
+from .gguf import GGUF_TYPES, read_gguf, write_gguf
 from .hf import check_exportable, check_hf_dir, read_hf, write_hf
-from .verify import check_logits, check_not_input
+from .verify import check_logits
 
 FORMATS = ("pth", "safetensors", "hf", "gguf", "peft")
 NEXT = {  # what to run with each export (README: Deploy)
@@ -97,13 +98,17 @@ def export_files(base: str | None, adapter_path: str | None, output: str | None,
         adapter = read_adapter(adapter_path, lora_alpha=lora_alpha, pissa_init=pissa_init)
         base = base or recorded_base(adapter, adapter_path, "pass --base FILE")
     output = output or default_output(fmt, adapter_path, base)
-    check_not_input(output, {"--base": base, "--adapter": adapter_path})
+    check_not_inputs({"--output": output}, {"--base": base, "--adapter": adapter_path, "--pissa_init": pissa_init,
+                                            "--tokenizer": None if tokenizer == "auto" else tokenizer})
     if fmt == "hf":
         check_new_dir(output)
-    else:
-        check_writable_dir(Path(output).parent, lambda d: f"--output {output}: {d} is not a writable directory; "
-                           "choose another output path")
+    else:  # a file: not a directory, in a writable directory
+        check_output_file(output, f"--output {output}")
     base_sd = load_tensor_file(base)
+    tok = None
+    if fmt in ("hf", "gguf"):  # before the merge: a model the format cannot hold fails at once
+        check_exportable(infer_config(base_sd), fmt)
+        tok = tokenizer_for(base_sd["emb.weight"].shape[0], tokenizer)
     if adapter is None:
         sd = base_sd
         log(f"base:    {base} (converted as it is, no adapter)")
@@ -125,8 +130,7 @@ def export_files(base: str | None, adapter_path: str | None, output: str | None,
                 Path(output).unlink()
                 raise
     else:
-        check_exportable(infer_config(sd), fmt)
-        tok = tokenizer_for(sd["emb.weight"].shape[0], tokenizer)
+        check_exportable(infer_config(sd), fmt)  # again: the adapter may add what the format cannot hold
         if fmt == "hf":
             write_dir_atomic(output, lambda d: _write_hf_checked(sd, tok, d, verify, log))
         else:
@@ -146,9 +150,14 @@ def _write_hf_checked(sd, tok, directory: Path, verify: bool, log) -> None:
 
 
 def _write_gguf_checked(sd, tok, output: Path, gguf_type: str, verify: bool, log) -> None:
-    tmp = temp_beside(output)
+    """Written beside output under a temporary name (io.temp_path), read back, then renamed."""
+    remove_stale_temps(output.parent, output.name)
+    tmp = temp_path(output)
     try:
-        write_gguf(sd, tok, tmp, gguf_type)
+        try:
+            write_gguf(sd, tok, tmp, gguf_type)
+        except OSError as e:
+            raise write_error(output, e, f"--output {output}") from None
         if verify:
             log(check_logits(sd, read_gguf(tmp, sd), GGUF_TOLERANCE[gguf_type], f"the {gguf_type} GGUF file"))
         os.replace(tmp, output)

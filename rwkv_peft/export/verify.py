@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 
@@ -11,12 +10,6 @@ from ..peft.load import load_model
 from ..peft.merge import probe_tokens
 
 ADAPTER_TOLERANCE = 1e-4  # fp32 on both sides: only the order of operations differs
-
-
-def check_not_input(output: str, inputs: dict[str, str | None]) -> None:
-    for flag, given in inputs.items():
-        if given and Path(output).resolve() == Path(given).resolve():
-            raise RWKVPeftError(f"--output {output} is the same file as {flag}; choose another output path")
 
 
 def _compare(expected: torch.Tensor, got: torch.Tensor, tol: float, what: str) -> str:
