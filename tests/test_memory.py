@@ -76,19 +76,29 @@ def test_records_that_fit_keep_their_tokens_and_long_ones_their_first():
 
 
 @pytest.mark.parametrize("quant", ["nf4", "int8", "none"])
-def test_no_copy_of_the_base_stays_mapped(tmp_path, quant):
+def test_no_copy_of_the_base_stays_mapped(tmp_path, monkeypatch, quant):
     pytest.importorskip("torchao")
     import gc
 
     from rwkv_peft.train.args import parse_args
+    from rwkv_peft.train.engine import destroy_process_group, init_process_group
+    from rwkv_peft.train.run_dir import RunDirectory
     from rwkv_peft.train.trainer import _prepare
+
+    for name, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1").items():
+        monkeypatch.setenv(name, value)  # a world of one, as plain train.py makes it
 
     work = make_workspace(tmp_path)
     torch.save({k: v.to(torch.bfloat16) for k, v in torch.load(work / "base.pth").items()}, work / "bf16.pth")
     args = parse_args([*COMMON, "--load_model", str(work / "bf16.pth"), "--data_file", str(work / "text.jsonl"),
                        "--tokenizer", str(work / "tok.json"), "--peft", "pissa", "--quant", quant,
                        "--proj_dir", str(tmp_path / "run")])
-    run = _prepare(args, main=False, world=1)
+    init_process_group()
+    try:
+        with RunDirectory() as run_dir:
+            run = _prepare(args, None, run_dir)
+    finally:
+        destroy_process_group()
     gc.collect()
     maps = open("/proc/self/maps").read()
     assert str(work / "bf16.pth") not in maps
