@@ -190,17 +190,21 @@ class Decoder:
         # S = S diag(decay) - (S kk)(kk a)^T + v k^T;  y = S r.
         # S x is taken as the row product x^T S^T: torch's batched kernel is 6x faster on a
         # [1, N] row than on an [N, 1] column.
+        # The rank-1 terms are outer products by broadcasting (addcmul_): one pass over S each,
+        # faster than a batched product with an inner size of 1.
         kk_row = kk.float().view(H, 1, N)
-        s_kk = torch.bmm(kk_row, S.mT)  # from the old state, before the in-place update
+        s_kk = torch.bmm(kk_row, S.mT).mT  # [H, N, 1], from the old state, before the in-place update
         S.mul_(decay.view(H, 1, N))
-        S.baddbmm_(s_kk.mT, kk_row * a.float().view(H, 1, N), alpha=-1)
-        S.baddbmm_(v.float().view(H, N, 1), k.float().view(H, 1, N))
+        S.addcmul_(s_kk, kk_row * a.float().view(H, 1, N), value=-1)
+        S.addcmul_(v.float().view(H, N, 1), k.float().view(H, 1, N))
         y = torch.bmm(r.float().view(H, 1, N), S.mT).view(1, H * N).to(x.dtype)
 
         y = torch.group_norm(y, H, *lay.ln_x).view(H, N)
         # the bonus (r . k . r_k) v of each head, added to y in one addcmul
         y = torch.addcmul(y, ((r * k).view(H, N) * lay.r_k).sum(-1, keepdim=True), v.view(H, N))
-        return torch.addmv(x, lay.output, y.view(-1) * g), v_first  # x + output((y + bonus) g)
+        # (not addmv(x, ...): this product sums into its output row by row, and starting from
+        # x, the large residual, loses the low bits of each term)
+        return x + torch.mv(lay.output, y.view(-1) * g), v_first
 
     def _channel_mix7(self, lay, x, shift):
         """x + RWKV-7 ChannelMix of one token (x: the block's input after TimeMix)."""
@@ -229,7 +233,7 @@ class Decoder:
         rf, kf, vf = r.float().view(H, N), k.float().view(H, N), v.float().view(H, N)
         bonus = (rf * lay.u * kf).sum(-1, keepdim=True)
         y = torch.addcmul(torch.bmm(rf.view(H, 1, N), S).view(H, N), bonus, vf)
-        S.mul_(torch.exp(-torch.exp(w)).view(H, N, 1)).baddbmm_(kf.view(H, N, 1), vf.view(H, 1, N))
+        S.mul_(torch.exp(-torch.exp(w)).view(H, N, 1)).addcmul_(kf.view(H, N, 1), vf.view(H, 1, N))
 
         y = torch.group_norm(y.view(1, -1).to(x.dtype), H, *lay.ln_x).view(-1)
         return torch.addmv(x, lay.output, y * g)
