@@ -47,6 +47,10 @@ def shapes(version: int) -> dict:
     return rwkv6_state_dict(n_layer=12, n_embd=768, head_size=64, vocab=65536, dims=(32, 64), seed=0)
 
 
+# the Decoder's low-rank mix factors (RWKV-7, RWKV-6), for the second decode floor
+LOW_RANK = ("w1", "w2", "a1", "a2", "g1", "g2", "v1", "v2", "maa_w1", "decay_w1", "decay_w2")
+
+
 def baseline_decoder(rev: str, tmp: str):
     """The Decoder class of rwkv_peft/model/decode.py at git revision rev."""
     source = subprocess.run(["git", "show", f"{rev}:rwkv_peft/model/decode.py"], cwd=ROOT, check=True,
@@ -74,7 +78,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", type=int, choices=(6, 7), default=7)
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--prompt", type=int, default=512, help="prefill length in tokens (default 512)")
+    p.add_argument("--prompt", type=int, default=512, help="prefill length in tokens (default 512; 0: decode only)")
     p.add_argument("--decode", type=int, default=32, help="decode steps per repetition (default 32)")
     p.add_argument("--threads", type=int, help="torch threads for both runtimes (default: torch's)")
     p.add_argument("--profile", action="store_true", help="also print where our decode and prefill spend time")
@@ -158,13 +162,14 @@ def main():
     ref = official_decode()
     rel = lambda a: float((a.reshape(-1) - ref.reshape(-1)).abs().max() / ref.abs().max())  # noqa: E731
     agree = {"decoder": rel(ours_decode()), "sequence forward": rel(ours_sequence_decode()[0, -1])}
-    pref = official_prefill()[0]
-    agree["prefill"] = float((ours_prefill()[0] - pref).abs().max() / pref.abs().max())
+    if args.prompt:
+        pref = official_prefill()[0]
+        agree["prefill"] = float((ours_prefill()[0] - pref).abs().max() / pref.abs().max())
 
     # Floors: the weight products alone. Prefill: every linear layer on a [prompt, C] input
     # (the head on one row, as last_only does); decode: every linear weight and the head read
-    # once by a matrix-vector product in the Decoder's layouts (the low-rank mixes' 21 MB of
-    # the 562 MB a token reads are not in it).
+    # once by a matrix-vector product in the Decoder's layouts, then the same with the
+    # low-rank mixes' factors too (0.1B shape: 541 MB, then 562 MB per token).
     linears = [m for name, m in ours.named_modules() if isinstance(m, torch.nn.Linear) and name != "head"]
     inputs = {m.in_features: torch.randn(args.prompt, m.in_features) for m in linears}
 
@@ -175,20 +180,27 @@ def main():
         ours.head(inputs[ours.config.n_embd][-1:])
 
     matrices = decoder.matrices()
-    vectors = {m.shape[1]: torch.randn(m.shape[1]) for m in matrices}
+    low_rank = [getattr(lay, n) for lay in decoder.layers for n in LOW_RANK if getattr(lay, n, None) is not None]
+    vectors = {m.shape[1]: torch.randn(m.shape[1]) for m in matrices + low_rank}
 
-    @torch.inference_mode()
-    def decode_matvecs():
-        for _ in steps:
-            for m in matrices:
-                torch.mv(m, vectors[m.shape[1]])
+    def matvecs(ms):
+        @torch.inference_mode()
+        def run():
+            for _ in steps:
+                for m in ms:
+                    torch.mv(m, vectors[m.shape[1]])
+        return run
+    decode_matvecs = matvecs(matrices)
 
     cases = {"prefill ours": ours_prefill, "prefill official": official_prefill, "decode ours": ours_decode,
              "decode ours (sequence forward)": ours_sequence_decode, "decode official": official_decode,
              "prefill floor: weight products only": prefill_matmuls,
-             "decode floor: weight products only": decode_matvecs}
+             "decode floor: weight products only": decode_matvecs,
+             "decode floor, low-rank mixes too": matvecs(matrices + low_rank)}
     if Baseline:
         cases[f"decode ours at {args.baseline}"] = decode_with(Baseline(ours))
+    if not args.prompt:
+        cases = {name: fn for name, fn in cases.items() if not name.startswith("prefill")}
     times = {name: [] for name in cases}
     load_before = os.getloadavg()[0]
     for _ in range(args.reps):
@@ -213,7 +225,7 @@ def main():
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
-        for label, fn in (("decode (Decoder.step)", ours_decode), ("prefill", ours_prefill)):
+        for label, fn in (("decode (Decoder.step)", ours_decode), ("prefill", ours_prefill))[:1 + bool(args.prompt)]:
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 fn()
             print(f"\nour {label}: ops by self CPU time")
