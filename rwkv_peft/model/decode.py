@@ -12,9 +12,10 @@ Where a step's time goes (bench/README.md): decoding a token reads every weight 
 for the RWKV-7 0.1B shape), so the matrix-vector products are bound by memory bandwidth and
 take most of the step; the rest is some 40 small ops per layer on vectors of C numbers,
 whose cost is the call, not the arithmetic. So the step is written in as few torch calls as
-the maths allows: the token-shift mixes are one lerp, residual adds ride on the products
-(addmv), the additive terms of the low-rank mixes too, and constants derived from the weights
-are computed once here. Each such rearrangement says what it computes where it is done.
+the maths allows: the token-shift mixes are one lerp, the additive terms of the low-rank
+mixes and the ChannelMix residual ride on their products (addmv), and constants derived from
+the weights are computed once here. Each such rearrangement says what it computes where it
+is done.
 
 Weight layout. A matrix-vector product on this CPU reads a weight stored [in, out] (x @ W)
 faster than the same weight stored [out, in] when out >= in (the head: 8.9 ms against
@@ -70,7 +71,7 @@ def _vector(p: torch.Tensor) -> torch.Tensor:
 
 
 def _norm(module: nn.Module) -> tuple:
-    """A LayerNorm's (weight, bias, eps), views of the live parameters."""
+    """A LayerNorm's or GroupNorm's (weight, bias, eps), views of the live parameters."""
     return module.weight.detach(), module.bias.detach(), module.eps
 
 
@@ -109,8 +110,7 @@ class Decoder:
     @staticmethod
     def _common(block) -> dict:
         att, ffn = block.att, block.ffn
-        ln_x = att.ln_x
-        return dict(ln1=_norm(block.ln1), ln2=_norm(block.ln2), ln_x=(ln_x.weight.detach(), ln_x.bias.detach(), ln_x.eps),
+        return dict(ln1=_norm(block.ln1), ln2=_norm(block.ln2), ln_x=_norm(att.ln_x),
                     receptance=_matrix(att.receptance), key=_matrix(att.key), value=_matrix(att.value),
                     output=_matrix(att.output), ffn_key=_matrix(ffn.key), ffn_value=_matrix(ffn.value))
 
