@@ -42,14 +42,32 @@ def test_unmerged_adapters_decode_like_the_sequence_forward(make):
     assert rel_err(decoded(model.decoder(), model, TOKENS[0]), whole) <= 1e-5
 
 
+def test_lora_dropout_of_a_training_model_stays_out_of_the_decoder():
+    model = load_model(rwkv7_state_dict(seed=10), dtype=torch.float32)
+    attach_adapters(model, {"blocks.1.att.value": ("lora", {"r": 4, "dropout": 0.5})})
+    with torch.no_grad():
+        model.blocks[1].att.value.adapter.lora_B.normal_(generator=torch.Generator().manual_seed(11))
+        whole = model.eval()(TOKENS)[0]
+    model.train()  # e.g. GRPO sampling between training steps
+    assert rel_err(decoded(model.decoder(), model, TOKENS[0]), whole) <= 1e-5
+
+
 def test_decoder_notices_changed_weights_and_generate_rebuilds_it():
     model = load_model(rwkv7_state_dict(seed=8), dtype=torch.float32)
     decoder = model.decoder()
     assert decoder.is_current()
-    with torch.no_grad():
-        model.head.weight.mul_(-1.0)  # in place, as an optimizer step writes
+    with torch.no_grad():  # in place, as an optimizer step writes; each feeds a copy or a derived constant
+        model.head.weight.mul_(-1.0)
         model.blocks[1].ffn.key.weight.add_(0.05)
+        model.blocks[0].att.receptance.weight.mul_(1.5)
+        model.blocks[1].att.k_a.add_(0.3)
+        model.blocks[2].att.x_r.mul_(0.5)
+        model.blocks[1].att.w1.mul_(2.0)
     assert not decoder.is_current()
+    with torch.no_grad():
+        whole = model(TOKENS)[0]
+    assert rel_err(decoded(model.decoder(), model, TOKENS[0]), whole) <= 1e-5
+    assert rel_err(decoded(decoder, model, TOKENS[0]), whole) > 1e-3  # the stale one would be wrong
 
     class Digits:  # token i is the character chr(48 + i % 10)
         eos_id = 0
