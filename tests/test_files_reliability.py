@@ -299,6 +299,7 @@ def outcomes(work, tmp_path_factory):
     return run_cases(work, tmp_path_factory.mktemp("cases"), {**SAME, **OS, **FINITE, **FOREIGN})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", SAME)
 def test_an_output_that_is_an_input_is_refused(outcomes, case):
     check_refused(outcomes[case], SAME[case][2])
@@ -329,6 +330,7 @@ def test_tampered_and_foreign_adapters_are_one_line(outcomes, case):
     check_refused(outcomes[case], FOREIGN[case][2])
 
 
+@pytest.mark.slow
 def test_the_fingerprint_covers_every_value_and_old_adapters_still_merge(work, tmp_path):
     from rwkv_peft.errors import RWKVPeftError
     from rwkv_peft.peft.adapter_file import base_fingerprint, check_base, read_adapter
@@ -406,6 +408,7 @@ def big_text(path: Path, mb: float) -> None:
     path.write_text(line * int(mb * 2**20 / len(line)))
 
 
+@pytest.mark.slow
 def test_prepare_on_a_full_disk_keeps_the_old_pair(work, tmp_path):
     with small_disk(tmp_path / "disk", 1 << 20) as (disk, preexec, full):
         first = run(work, ["-m", "rwkv_peft.data.prepare", "text.jsonl", disk / "pair", "--tokenizer", "tok.json"],
@@ -420,6 +423,7 @@ def test_prepare_on_a_full_disk_keeps_the_old_pair(work, tmp_path):
         assert {p.name: digest(p) for p in disk.iterdir()} == before  # the previous complete pair, nothing else
 
 
+@pytest.mark.slow
 def test_merge_past_a_file_size_limit_keeps_the_old_output(work, tmp_path):
     out = tmp_path / "merged.pth"
     out.write_bytes(b"the previous merge")
@@ -479,6 +483,7 @@ def test_a_signal_during_a_merge_write_removes_its_temporary_file(work, tmp_path
     assert out.read_bytes() == b"the previous merge" and leftovers(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_the_temporary_file_of_a_killed_merge_is_removed_by_the_next(work, tmp_path):
     out = tmp_path / "merged.pth"
     proc = merge_until_writing(work, out)
@@ -494,6 +499,7 @@ def test_the_temporary_file_of_a_killed_merge_is_removed_by_the_next(work, tmp_p
     assert leftovers(tmp_path) == [live.name] and out.stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_stale_token_cache_temporaries_are_removed(work, tmp_path):
     from rwkv_peft.io import temp_path
 
@@ -510,6 +516,7 @@ def test_stale_token_cache_temporaries_are_removed(work, tmp_path):
     assert not stale.exists() and leftovers(cache) == []
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_tokenizing_for_training(work, tmp_path):
     with small_disk(tmp_path / "disk", 1 << 20, file_limit=200 << 10) as (disk, preexec, full):
         big_text(disk / "data.jsonl", 0.75)  # its tokens take about 350 KB: more than is left
@@ -521,6 +528,7 @@ def test_a_full_disk_while_tokenizing_for_training(work, tmp_path):
         assert sorted(p.name for p in disk.rglob("*")) == [".rwkv_peft_cache", "data.jsonl"]
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_saving_a_checkpoint_keeps_the_last_complete_one(work, tmp_path):
     args = [*COMMON, "--peft", "full", "--max_steps", "4", "--save_every", "1"]
     probe = run(work, [*args, "--max_steps", "1", "--proj_dir", tmp_path / "probe"], script="train.py")

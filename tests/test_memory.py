@@ -75,6 +75,7 @@ def test_records_that_fit_keep_their_tokens_and_long_ones_their_first():
     assert encode_text(short, tok, 10**6) == tok.encode(short)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quant", ["nf4", "int8", "none"])
 def test_no_copy_of_the_base_stays_mapped(tmp_path, monkeypatch, quant):
     pytest.importorskip("torchao")

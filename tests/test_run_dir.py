@@ -118,6 +118,7 @@ RANK_STARTS = {  # case: (seconds each rank waits before it starts, continue by 
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", RANK_STARTS)
 def test_ranks_started_seconds_apart_write_one_run_directory(tmp_path, case):
     """No --proj_dir under torchrun: the default out/run-<time> is decided once, on rank 0, for
@@ -163,6 +164,7 @@ SECOND_RUNS = {  # case: (command, exit code: torchrun reports a failed worker a
 }
 
 
+@pytest.mark.slow
 def test_a_held_directory_refuses_a_second_run_naming_its_owner(work):
     """While a torchrun run trains in held/, every second run into it stops at once with one
     error line naming the owner; the owner's files stay its own."""
@@ -192,6 +194,7 @@ def test_a_held_directory_refuses_a_second_run_naming_its_owner(work):
     assert not (work / "held/run.lock").exists() and not (work / "held/summary.json").exists()
 
 
+@pytest.mark.slow
 def test_a_killed_runs_directory_resumes_without_cleanup(work):
     """SIGKILL leaves run.lock behind; nobody holds it, so --resume takes the directory over."""
     run = work / "killed"
@@ -229,6 +232,7 @@ DIRECTORY_STATES = {  # case: (what puts it in the directory (None: a real finis
 }
 
 
+@pytest.mark.slow
 def test_what_a_directory_holds_decides_whether_a_new_run_starts_there(work):
     """A new run (no --resume) never writes into a saved run; a lock nobody holds is no obstacle."""
     dirs = {case: work / "states" / case.replace(" ", "-") for case in DIRECTORY_STATES}
@@ -259,6 +263,7 @@ RUNS_TOGETHER = {  # case: environment of one of the runs started at the same mo
 }
 
 
+@pytest.mark.slow
 def test_plain_runs_started_together_need_no_port(tmp_path):
     """A plain `python train.py` is a world of one: its process group needs no port, so runs
     started at the same moment (or with a busy MASTER_PORT left in the environment) never meet
@@ -293,6 +298,7 @@ HINT_RUNS = {  # case: (directory, the run's flags, stopped at step 3, then comp
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", HINT_RUNS)
 def test_every_next_hint_works_exactly_as_printed(work, case):
     """Each `next:` line the trainer prints, typed into a shell as printed, does what it says."""
@@ -319,6 +325,7 @@ def test_every_next_hint_works_exactly_as_printed(work, case):
     run_hint(work, hints(proc)[0])
 
 
+@pytest.mark.slow
 def test_an_early_stopped_runs_hint_trains_on(work):
     """Validation on text the training makes less likely stops the run early; resuming it says
     so, and its `next:` line (a resume with --early_stop 0) trains on to the end."""
@@ -378,6 +385,7 @@ REFUSED = {  # case: (flags after the run's own and --resume, the error line's t
 }
 
 
+@pytest.mark.slow
 def test_resume_refuses_flags_that_contradict_the_run(stopped):
     work = stopped
     runs = ("lora", "lora-no-args", "lora-bad-json", "lora-bad-type")
@@ -400,6 +408,7 @@ ALLOWED = {  # case: (flags after the run's own and --resume, steps at the end, 
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ALLOWED)
 def test_resume_makes_the_documented_changes(stopped, case):
     flags, steps, changes = ALLOWED[case]
