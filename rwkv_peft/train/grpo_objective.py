@@ -28,7 +28,7 @@ from ..errors import RWKVPeftError
 from ..grpo import group_advantages, grpo_loss
 from ..loss import VocabCrossEntropy
 from ..rollout import rollout
-from .objectives import Figures, Reference
+from .objective_base import Figures, Reference
 from .rewards import call_reward, load_reward
 
 PAD_MULTIPLE = 16  # the CUDA WKV kernel runs whole chunks of 16 tokens
