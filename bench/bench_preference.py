@@ -3,7 +3,7 @@ DPO / ORPO / SimPO / GRPO raise the held-out task score?
 
     python bench/bench_preference.py                          # dpo and orpo, seeds 0 1 2 (~20 min on 2 cores)
     python bench/bench_preference.py --objectives simpo --seeds 0
-    python bench/bench_preference.py --objectives grpo dpo --json bench/results/grpo.json
+    python bench/bench_preference.py --objectives grpo dpo dpo-low --json bench/results/grpo.json
 
 Per seed: the weak SFT adapter (Bone r=64, lr 1e-4, one epoch of demo/data/train.jsonl, the
 README's 20/30 row), then each setup of SETUPS from it with `--init_adapter` on its demo data
@@ -27,9 +27,10 @@ ROOT = Path(__file__).resolve().parent.parent
 SFT = ["--peft", "bone", "--bone_r", "64", "--lr_init", "1e-4"]
 SETUPS = {  # name: its train.py flags; the rates tried on seed 0 that did best (bench/README.md)
     "dpo": ["--objective", "dpo", "--lr_init", "2e-5", "--lr_final", "2e-6"],
+    "dpo-low": ["--objective", "dpo", "--lr_init", "5e-6", "--lr_final", "5e-7"],
     "orpo": ["--objective", "orpo", "--lr_init", "1e-4", "--lr_final", "1e-5"],
     "simpo": ["--objective", "simpo", "--lr_init", "1e-4", "--lr_final", "1e-5"],
-    "grpo": ["--objective", "grpo", "--reward", "contains", "--max_completion_length", "32",
+    "grpo": ["--objective", "grpo", "--reward", "contains", "--max_completion_length", "32", "--temperature", "0.7",
              "--lr_init", "1e-4", "--lr_final", "1e-6"],
 }
 STEPS = 200

@@ -20,7 +20,7 @@ from rwkv_peft.train.args import parse_args
 from rwkv_peft.train.grpo_objective import GRPO
 from rwkv_peft.train.rewards import contains, exact, load_reward
 from test_grpo import reference_loss
-from tiny_workspace import ROOT, clean_env, losses, run_script
+from tiny_workspace import ROOT, clean_env, losses
 
 pytest.importorskip("deepspeed")
 
@@ -148,12 +148,20 @@ BAD = {  # name: (extra train.py args, the error line holds)
 }
 
 
+RUN = ["--objective", "grpo", *DEMO, "--data_file", str(DEMO_PROMPTS), "--reward", "my_rewards:length",
+       "--beta", "0.04", "--micro_bsz", "2", "--peft", "lora", "--max_steps", "4"]
+RUNS = {"straight": [*RUN, "--proj_dir", "straight"], "first half": [*RUN, "--proj_dir", "halves", "--stop_at_step", "2"],
+        "resumed": [*RUN, "--proj_dir", "halves", "--resume"]}
+
+
 @pytest.fixture(scope="module")
 def outcomes(work):
-    """Every BAD case through train.py's main in one process (tests/script_cases.py)."""
+    """Every BAD case, then RUNS in order, through train.py's main in one process (tests/script_cases.py:
+    one interpreter start for all)."""
     cases = [(name, "train", ["--objective", "grpo", *DEMO, "--max_steps", "1", *(
         [] if "--data_file" in args else ["--data_file", str(DEMO_PROMPTS)]), *args, "--proj_dir", f"bad-{n}"])
              for n, (name, (args, _)) in enumerate(BAD.items())]
+    cases += [(name, "train", args) for name, args in RUNS.items()]
     (work / "cases.json").write_text(json.dumps(cases))
     subprocess.run([sys.executable, str(ROOT / "tests" / "script_cases.py"), "cases.json", "results.json"],
                    cwd=work, env=clean_env(), check=True, timeout=600)
@@ -175,19 +183,16 @@ def records(run_dir):
 
 
 @pytest.mark.slow
-def test_demo_run_trains_logs_and_resumes_exactly(work):
+def test_demo_run_trains_logs_and_resumes_exactly(work, outcomes):
     """A user's reward module, the KL term (the reference: adapters off), two prompts a micro batch;
     the same run stopped at step 2 and resumed ends in the same losses, figures and adapter."""
-    args = ["--objective", "grpo", *DEMO, "--reward", "my_rewards:length", "--beta", "0.04", "--micro_bsz", "2",
-            "--peft", "lora", "--max_steps", "4"]
-    run_script(work, "train.py", *args, "--proj_dir", "straight")
+    for name in RUNS:
+        assert outcomes[name]["code"] in (0, None), outcomes[name]["stderr"][-3000:]
+    assert "resumed from" in outcomes["resumed"]["stdout"]
     first = records(work / "straight")[0]
     for key in ("reward", "reward_std", "completions/mean_length", "kl", "clip_ratio"):
         assert math.isfinite(first[key]), key
     assert first["kl"] == 0 and records(work / "straight")[-1]["kl"] > 0  # the policy left its reference
-    run_script(work, "train.py", *args, "--proj_dir", "halves", "--stop_at_step", "2")
-    proc = run_script(work, "train.py", *args, "--proj_dir", "halves", "--resume")
-    assert "resumed from" in proc.stdout
     assert losses(work / "halves") == losses(work / "straight")
     for key in ("reward", "reward_std", "completions/mean_length", "kl"):
         assert [r[key] for r in records(work / "halves")] == [r[key] for r in records(work / "straight")], key
