@@ -21,3 +21,4 @@ DEMO_TOKENIZER = DEMO_DIR / "tokenizer.json"
 DEMO_DATA = DEMO_DIR / "data" / "train.jsonl"
 DEMO_HELDOUT = DEMO_DIR / "data" / "heldout.jsonl"
 DEMO_PREFERENCE = DEMO_DIR / "data" / "preference.jsonl"  # pairs for --objective dpo/simpo/orpo (demo/make_preference.py)
+DEMO_PROMPTS = DEMO_DIR / "data" / "grpo_prompts.jsonl"  # prompts for --objective grpo (demo/make_grpo_prompts.py)

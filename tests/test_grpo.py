@@ -85,3 +85,21 @@ def test_grpo_loss_and_gradient_equal_trls_formula(loss_type, beta):
     assert loss.item() == pytest.approx(expected.item(), rel=1e-12, abs=1e-14)
     torch.testing.assert_close(ours_in.grad, ref_in.grad, rtol=1e-12, atol=1e-14)
     assert (ours_in.grad[mask == 0] == 0).all()  # padding gets no gradient
+
+
+def test_top_p_samples_only_from_the_nucleus():
+    """Over many draws, every token is one of the smallest set of most likely tokens whose
+    probability reaches top_p (written out here), and each of them does come up."""
+    from rwkv_peft.rollout import _generators, _noise, _pick
+
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -1.0]])
+    probs = torch.softmax(logits.double(), -1)[0].tolist()
+    nucleus, total = set(), 0.0
+    for p, token in sorted(((p, i) for i, p in enumerate(probs)), reverse=True):
+        nucleus.add(token)
+        total += p
+        if total >= 0.8:
+            break
+    (generator,) = _generators(0, [0])
+    drawn = {_pick(logits, _noise([generator], 6, "cpu"), 1.0, 0.8).item() for _ in range(400)}
+    assert drawn == nucleus and len(nucleus) < 6

@@ -36,6 +36,14 @@ def opt(default, help, group="training", check=None, **kw):
     return field(default=default, metadata={"help": help, "group": group, "check": check, **kw})
 
 
+def at_least_two(v) -> str | None:
+    return None if v >= 2 else "must be at least 2 (advantages compare the completions of a prompt)"
+
+
+def probability(v) -> str | None:
+    return None if 0 < v <= 1 else "must be in (0, 1]"
+
+
 def held_out_fraction(v) -> str | None:
     return None if v == 0 or 0 < v <= 0.5 else "must be a fraction in (0, 0.5]"
 
@@ -101,13 +109,34 @@ class _Options:
     # objective (train/objectives.py; README "Objectives")
     objective: str = opt("sft", "what to train for: sft (next-token loss on the replies), or preference tuning on "
                                 "prompt/chosen/rejected .jsonl records: dpo (against the reference: the model with "
-                                "its adapters off), simpo or orpo (no reference)", "objective",
-                         choices=("sft", "dpo", "simpo", "orpo"))
-    beta: float | None = opt(None, "DPO / SimPO temperature beta (default: 0.1 for dpo, 2.0 for simpo)", "objective",
-                             check=positive)
+                                "its adapters off), simpo or orpo (no reference), or grpo: reward tuning on "
+                                "completions sampled for the prompts of a .jsonl file (needs --reward)", "objective",
+                         choices=("sft", "dpo", "simpo", "orpo", "grpo"))
+    beta: float | None = opt(None, "DPO / SimPO temperature beta, GRPO's weight of the KL term to the reference "
+                                   "(default: 0.1 for dpo, 2.0 for simpo, 0 for grpo: no KL, no reference pass)",
+                             "objective", check=non_negative)
     gamma: float = opt(0.5, "SimPO target reward margin gamma", "objective", check=non_negative)
     orpo_lambda: float = opt(0.1, "ORPO weight lambda of the odds-ratio term beside the SFT loss", "objective",
                               check=non_negative)
+    reward: str | None = opt(None, "grpo: the reward of a completion: exact (equals the record's 'answer'), "
+                                   "contains (holds 'answer' as whole words), regex (--reward_regex matches), or "
+                                   "your function as module:function or path/file.py:function, called as "
+                                   "fn(prompts, completions, **fields) -> list of floats", "objective")
+    reward_regex: str | None = opt(None, "with --reward regex: reward 1 when this pattern matches in the completion "
+                                         "(Python re.search), else 0", "objective")
+    num_generations: int = opt(8, "grpo: completions sampled per prompt (the group G of its advantages)",
+                               "objective", check=at_least_two)
+    max_completion_length: int = opt(64, "grpo: most tokens of a completion (a reply ends at its blank line)",
+                                     "objective", check=positive)
+    temperature: float = opt(1.0, "grpo: sampling temperature of the completions (0: greedy)", "objective",
+                             check=non_negative)
+    top_p: float = opt(1.0, "grpo: nucleus sampling, from the most likely tokens whose probability reaches P "
+                            "(1: all)", "objective", check=probability)
+    epsilon: float = opt(0.2, "grpo: clip range of the probability ratio (1 - eps, 1 + eps)", "objective",
+                         check=non_negative)
+    loss_type: str = opt("grpo", "grpo: mean over each completion's tokens, advantages divided by the group's "
+                                 "std; dr_grpo: sum over tokens / (completions x --max_completion_length), "
+                                 "advantages not divided (TRL's names)", "objective", choices=("grpo", "dr_grpo"))
     init_adapter: str | None = opt(None, "start from this trained adapter file (e.g. an SFT run's "
                                          "adapter.safetensors) instead of fresh adapters; its method and ranks are "
                                          "kept, and the new adapter file records it", "objective")

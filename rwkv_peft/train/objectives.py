@@ -1,4 +1,5 @@
-"""Training objectives beyond SFT: what one micro batch computes for --objective dpo, simpo, orpo.
+"""Training objectives beyond SFT: what one micro batch computes for --objective dpo, simpo, orpo
+(and grpo, in grpo_objective.py).
 
 The Stepper calls `objective.micro_batch_loss(engine, batch)` instead of its SFT loss when the
 run has an objective (`make_objective` returns None for sft, so SFT runs exactly as before);
@@ -12,27 +13,27 @@ The reference model of DPO costs no second copy of the base weights:
   with its trainable tensors swapped for a copy of their initial values (adapter-sized);
 - --peft full, or --train_parts that change base tensors (ln, time, emb, head): a frozen copy
   of the model, taken before training (the one case that holds the weights twice).
-SimPO and ORPO have no reference model.
+SimPO and ORPO have no reference model; GRPO's is DPO's, and only with --beta > 0.
 """
 
 from __future__ import annotations
 
-import copy
-from contextlib import contextmanager
-
 import torch
-import torch.distributed as dist
 
 from ..data.preference import load_preference_data
+from ..data.prompts import load_prompt_data
 from ..errors import RWKVPeftError
-from ..peft.adapt import adapters_disabled
 from ..preference import dpo_loss, orpo_loss, sequence_logps, simpo_loss
 from .args import TrainArgs
+from .grpo_objective import GRPO
+from .objective_base import Figures, Reference
 
-OBJECTIVES = ("sft", "dpo", "simpo", "orpo")
-DEFAULT_BETA = {"dpo": 0.1, "simpo": 2.0}  # TRL's DPO default; SimPO's paper (and TRL's SimPO example)
-# shown in the progress bar, by objective (everything goes to metrics.jsonl)
-BAR = ("rewards/accuracies", "rewards/margins")
+OBJECTIVES = ("sft", "dpo", "simpo", "orpo", "grpo")
+# TRL's DPO default; SimPO's paper (and TRL's SimPO example); TRL's GRPO default (no KL term, no reference)
+DEFAULT_BETA = {"dpo": 0.1, "simpo": 2.0, "grpo": 0.0}
+# shown in the progress bar, by objective, with their labels (everything goes to metrics.jsonl)
+BAR = {"rewards/accuracies": "acc", "rewards/margins": "margin", "reward": "reward",
+       "completions/mean_length": "len"}
 
 
 def check_objective_args(args: TrainArgs) -> None:
@@ -40,21 +41,31 @@ def check_objective_args(args: TrainArgs) -> None:
     if args.init_adapter and (args.peft == "full" or args.peft_rules or args.n_layer):
         raise RWKVPeftError("--init_adapter continues that adapter's own layers and methods; drop "
                             "--peft full / --peft_rules / --n_layer")
+    if args.reward and args.objective != "grpo":
+        raise RWKVPeftError("--reward scores GRPO's completions; drop it, or use --objective grpo")
     if args.objective == "sft":
         return
+    if args.objective in ("dpo", "simpo") and args.beta == 0:
+        raise RWKVPeftError(f"--beta must be positive for --objective {args.objective}, got 0")
+    if args.objective == "grpo" and not args.reward:
+        raise RWKVPeftError("--objective grpo needs --reward: exact, contains, regex (with --reward_regex), "
+                            "module:function or file.py:function (README 'GRPO')")
     if args.val_split:
         raise RWKVPeftError(f"--val_split splits SFT data; with --objective {args.objective} give held-out chat "
                             "or SFT data as --val_file instead")
     if args.chunk_ctx:
-        raise RWKVPeftError(f"--chunk_ctx is not supported with --objective {args.objective} yet; preference "
-                            "pairs are short, drop --chunk_ctx")
+        raise RWKVPeftError(f"--chunk_ctx is not supported with --objective {args.objective} yet; its "
+                            "sequences are short, drop --chunk_ctx")
     if args.data_type not in ("auto", "jsonl"):
-        raise RWKVPeftError(f"--objective {args.objective} trains on a .jsonl file of prompt/chosen/rejected "
+        records = "prompt" if args.objective == "grpo" else "prompt/chosen/rejected"
+        raise RWKVPeftError(f"--objective {args.objective} trains on a .jsonl file of {records} "
                             f"records; drop --data_type {args.data_type}")
 
 
 def load_objective_data(args: TrainArgs, path: str, tokenizer):
-    """The training data of a non-SFT objective: its preference pairs."""
+    """The training data of a non-SFT objective: GRPO's prompts, or the preference pairs."""
+    if args.objective == "grpo":
+        return load_prompt_data(path, tokenizer, args.ctx_len, args.max_completion_length, seed=args.random_seed)
     return load_preference_data(path, tokenizer, args.ctx_len, seed=args.random_seed)
 
 
@@ -68,84 +79,24 @@ def make_objective(run):
         return DPO(args.beta, Reference(run))
     if args.objective == "simpo":
         return SimPO(args.beta, args.gamma)
+    if args.objective == "grpo":
+        return GRPO(run)
     return ORPO(args.orpo_lambda)
 
 
-class Reference:
-    """The reference model of DPO, as the module docstring lists its three forms."""
-
-    def __init__(self, run):
-        model = run.model
-        changes_base = run.full or any(not k.endswith("att.time_state") for k in run.parts)
-        self.copy = _frozen_copy(model) if changes_base else None
-        self.initial = None
-        if run.args.init_adapter and not changes_base:
-            self.initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-        # the base's own initial state, taken before any training: zeros unless the base came with one
-        self.states = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("att.time_state")}
-        self.kind = "frozen copy" if self.copy is not None else ("initial adapter" if self.initial else "adapters off")
-
-    @torch.no_grad()
-    def logits(self, model, inputs: torch.Tensor) -> torch.Tensor:
-        if self.copy is not None:
-            return self.copy(inputs)
-        if self.initial is not None:
-            with _values_swapped(model, self.initial):
-                return model(inputs)
-        with adapters_disabled(model, self.states):
-            return model(inputs)
-
-
-def _frozen_copy(model):
-    ref = copy.deepcopy(model)
-    for p in ref.parameters():
-        p.requires_grad_(False)
-    return ref.eval()
-
-
-@contextmanager
-def _values_swapped(model, values: dict):
-    params = dict(model.named_parameters())
-    saved = {n: params[n].data for n in values}
-    try:
-        for n, v in values.items():
-            params[n].data = v
-        yield
-    finally:
-        for n, data in saved.items():
-            params[n].data = data
-
-
-class _Preference:
-    """Shared by the pairwise objectives: per-sequence log-probs of the batch's chosen and rejected
-    replies, and the step's figures."""
-
-    def __init__(self):
-        self.sums: dict[str, float] = {}
-        self.calls = 0
+class _Preference(Figures):
+    """Shared by the pairwise objectives: per-sequence log-probs of the batch's chosen and rejected replies."""
 
     def micro_batch_loss(self, engine, batch: dict) -> torch.Tensor:
         device = next(engine.module.parameters()).device
         inputs, targets, mask = (batch[k].to(device) for k in ("input_ids", "targets", "loss_mask"))
         loss, metrics = self.loss(engine, inputs, targets, mask)
-        for key, value in metrics.items():
-            self.sums[key] = self.sums.get(key, 0.0) + value.detach().float().mean().item()
-        self.calls += 1
+        self.add(metrics)
         return loss
 
     def policy_logps(self, engine, inputs, targets, mask):
         logps, counts = sequence_logps(engine(inputs), targets, mask)
         return logps.chunk(2), counts.chunk(2)
-
-    def step_metrics(self) -> dict:
-        """The step's figures, averaged over its micro batches and the processes; then reset."""
-        keys = sorted(self.sums)
-        values = torch.tensor([self.sums[k] / max(self.calls, 1) for k in keys], dtype=torch.float64)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(values)
-            values /= dist.get_world_size()
-        self.sums, self.calls = {}, 0
-        return {k: round(v, 6) for k, v in zip(keys, values.tolist())}
 
 
 class DPO(_Preference):

@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from ..assets import DEMO_BASE, DEMO_DATA, DEMO_PREFERENCE
+from ..assets import DEMO_BASE, DEMO_DATA, DEMO_PREFERENCE, DEMO_PROMPTS
 from ..errors import RWKVPeftError
 from ..peft.methods import METHODS
 from .args import LR_INIT, STATE_LR, TrainArgs, default_peft
@@ -53,7 +53,7 @@ def _decide_defaults(args: TrainArgs) -> TrainArgs:
     if args.data_file is None:  # the embedded demo when no data is named
         if not DEMO_DATA.exists():
             raise RWKVPeftError(f"no --data_file given and the embedded demo data {DEMO_DATA} is missing")
-        changes["data_file"] = str(DEMO_DATA if args.objective == "sft" else DEMO_PREFERENCE)
+        changes["data_file"] = str({"sft": DEMO_DATA, "grpo": DEMO_PROMPTS}.get(args.objective, DEMO_PREFERENCE))
         if args.load_model is None and not args.n_layer:
             changes["load_model"] = str(DEMO_BASE)
     if args.lr_init is None:

@@ -182,7 +182,8 @@ def _train(run: Run, deepspeed) -> dict:
     train_file, val_file = data_files(args, world, run.ds_config["zero_optimization"]["stage"], log)
     data, validation = _load_data(run, train_file, val_file, main, log)
     if args.dry_run:
-        what = "samples" if args.objective == "sft" else f"{args.objective} preference pairs of up to"
+        what = {"sft": "samples", "grpo": "prompts (each with its completion) of up to"}.get(
+            args.objective, f"{args.objective} preference pairs of up to")
         log(f"\ndata: {args.data_file}: {len(data):,} {what} {args.ctx_len} tokens per epoch "
             f"({data.tokens_total:,} tokens)\none sample, loss-masked spans marked:\n")
         log(data.render(0))
@@ -252,7 +253,7 @@ def _fit(run: Run, engine, stepper: Stepper, schedule: Schedule, validation: Val
             outputs.log(record, val_record)
             if main:
                 val = {"val": f"{validation.last_loss:.4f}"} if validation.last_loss is not None else {}
-                extra = {k.split("/")[-1][:6]: f"{result.metrics[k]:.3f}" for k in BAR if k in result.metrics}
+                extra = {label: f"{result.metrics[k]:.3f}" for k, label in BAR.items() if k in result.metrics}
                 bar.set_postfix(loss=f"{result.loss:.4f}", **val, **extra, tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}")
                 bar.update(1)
             if validation.should_stop():
