@@ -1,0 +1,96 @@
+"""The malloc of a CPU training run: jemalloc where it is installed, glibc's otherwise.
+
+glibc's malloc keeps the freed activations of a step resident and fragmented (cpu_memory.py);
+the compact setting gives them back by mapping every large block on its own, at the price of
+fresh zero-filled pages for each block, every step. jemalloc reuses a freed block's pages for
+a while (dirty_decay_ms) and gives back only what stays unused longer, so a step runs on pages
+that are already there while the resident set stays near what the step really holds
+(bench/README.md, "Allocators").
+
+A malloc must be in place before the process allocates anything, and the dynamic linker reads
+LD_PRELOAD only when a program starts. So a training process that wants jemalloc executes
+itself again, once, at its start (before the model loads): the same program, arguments and
+process id, with LD_PRELOAD and MALLOC_CONF added, and RWKV_PEFT_MALLOC, which marks the new
+process so that it never does so again. Set RWKV_PEFT_MALLOC=glibc to keep glibc's malloc; a
+malloc preloaded by the user, or MALLOC_* settings in the environment, are left as they are.
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import os
+import platform
+import sys
+from pathlib import Path
+
+from ..model.config import SMALL_MODEL_PARAMS
+
+GUARD = "RWKV_PEFT_MALLOC"  # set in the re-executed process (its value: the malloc it asked for)
+JEMALLOC_CONF = "dirty_decay_ms:1000,muzzy_decay_ms:0"  # a freed page waits ~1 s for reuse, then goes back
+KNOWN = ("jemalloc", "tcmalloc", "mimalloc")  # mallocs that replace glibc's when preloaded
+
+
+def find_jemalloc() -> str | None:
+    """jemalloc's library as the dynamic linker finds it (Debian, Ubuntu: apt install libjemalloc2), or None."""
+    return ctypes.util.find_library("jemalloc") if platform.system() == "Linux" else None
+
+
+def malloc_in_use() -> str:
+    """The malloc of this process, from the libraries mapped into it: jemalloc, tcmalloc, mimalloc,
+    else glibc (on glibc systems) or 'system'."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        maps = ""
+    found = [name for name in KNOWN if f"/lib{name}" in maps]
+    return found[0] if found else "glibc" if platform.libc_ver()[0] == "glibc" else "system"
+
+
+def user_set_malloc() -> bool:
+    """True if the environment already tunes or chooses malloc: the user's settings win."""
+    return "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "") or any(
+        k.startswith("MALLOC_") for k in os.environ)
+
+
+def _large_model(args) -> bool:
+    """Whether the model has about SMALL_MODEL_PARAMS or more, judged before anything loads: from
+    the checkpoint's size (2 bytes a weight or more) or a new model's blocks (12 n_embd^2 a layer)."""
+    if args.load_model:
+        return os.path.isfile(args.load_model) and os.path.getsize(args.load_model) >= 2 * SMALL_MODEL_PARAMS
+    return 12 * args.n_layer * args.n_embd ** 2 >= SMALL_MODEL_PARAMS
+
+
+def wants_jemalloc(args, on_gpu: bool) -> bool:
+    """Training on the CPU with --cpu_malloc compact, or auto and a large model: then the step's
+    large temporaries decide its speed and memory (GPU tensors do not use malloc)."""
+    return not on_gpu and (args.cpu_malloc == "compact" or (args.cpu_malloc == "auto" and _large_model(args)))
+
+
+def preload_jemalloc(args, on_gpu: bool) -> None:
+    """Execute this process again on jemalloc when it wants it and jemalloc is installed; returns
+    (doing nothing) otherwise. Call once, first thing, from a process's entry point."""
+    if os.environ.get(GUARD) or user_set_malloc() or malloc_in_use() != "glibc" or not wants_jemalloc(args, on_gpu):
+        return
+    library = find_jemalloc()
+    if library is None:
+        return
+    preload = " ".join(x for x in (library, os.environ.get("LD_PRELOAD")) if x)
+    env = dict(os.environ, LD_PRELOAD=preload, MALLOC_CONF=JEMALLOC_CONF, **{GUARD: "jemalloc"})
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, sys.orig_argv, env)
+
+
+def describe(compact: bool) -> str | None:
+    """The log line naming the malloc of a CPU run, or None where there is nothing to say (glibc as
+    it comes, in the default mode)."""
+    name = malloc_in_use()
+    if name == "jemalloc":
+        conf = os.environ.get("MALLOC_CONF", "its defaults")
+        return f"malloc: jemalloc ({conf})"
+    if name != "glibc":
+        return f"malloc: {name}"
+    if compact:
+        return ("malloc: glibc with a fixed mmap threshold (steps up to 2x slower; install jemalloc, e.g. "
+                "apt install libjemalloc2, for the same memory at full speed)")
+    return None
