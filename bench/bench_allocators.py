@@ -2,7 +2,7 @@
 compact setting, with tunables), jemalloc, tcmalloc and mimalloc with their own settings for
 giving memory back. LoRA r=32 on the RWKV-7 0.1B shape, ctx 512, batch 1, fp32.
 
-    python bench/bench_allocators.py [--steps 4] [--rounds 2] [--grad_cp 0 1] [--only NAME ...]
+    python bench/bench_allocators.py [--steps 4] [--rounds 2] [--grad_cp 0 1] [--threads N] [--only NAME ...]
 
 CPU s is the whole process's (start-up included), a measure that load from other processes
 disturbs less than the wall time. Every setting is the real train.py (one process, ZeRO-1) started with --cpu_malloc default
@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
 from bench_train_cpu import write_workspace  # noqa: E402
+from rwkv_peft.train.allocator import GUARD  # noqa: E402
 from tiny_workspace import clean_env  # noqa: E402
 
 LIBS = {"jemalloc": "libjemalloc.so.2", "tcmalloc": "libtcmalloc_minimal.so.4", "mimalloc": "libmimalloc.so.2"}
@@ -49,6 +50,12 @@ SETTINGS = {
     "jemalloc decay 1s, bg": ("default", "jemalloc", {"MALLOC_CONF": "background_thread:true,dirty_decay_ms:1000,"
                                                                    "muzzy_decay_ms:0"}),
     "jemalloc decay 0": ("default", "jemalloc", {"MALLOC_CONF": "dirty_decay_ms:0,muzzy_decay_ms:0"}),
+    # blocks of 8 MB and more (the logits, the head's gradient) go to an arena that purges at once
+    # unless oversize_threshold:0 turns that arena off
+    "jemalloc decay 1s, one arena for all sizes": ("default", "jemalloc", {
+        "MALLOC_CONF": "oversize_threshold:0,dirty_decay_ms:1000,muzzy_decay_ms:0"}),
+    "jemalloc decay 1s, bg, one arena for all sizes": ("default", "jemalloc", {
+        "MALLOC_CONF": "oversize_threshold:0,background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0"}),
     "jemalloc decay 1s, 1 arena": ("default", "jemalloc", {"MALLOC_CONF": "narenas:1,dirty_decay_ms:1000,"
                                                                         "muzzy_decay_ms:0"}),
     "tcmalloc default": ("default", "tcmalloc", {}),
@@ -69,7 +76,9 @@ def run(work: Path, args, run_dir: str, grad_cp: int, name: str) -> dict:
     env = {k: v for k, v in clean_env().items()
            if not k.startswith(("MALLOC_", "TCMALLOC_", "MIMALLOC_")) and k not in ("LD_PRELOAD", "GLIBC_TUNABLES")}
     env |= extra | ({"LD_PRELOAD": library(lib)} if lib else {})
-    env["RWKV_PEFT_ALLOCATOR"] = "off"  # the trainer's own choice stays out of the way (allocator.py)
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    env[GUARD] = "glibc"  # the trainer's own choice of malloc stays out of the way (allocator.py)
     cmd = [sys.executable, str(ROOT / "train.py"), "--load_model", "base.pth", "--data_file", "text.jsonl",
            "--ctx_len", str(args.ctx), "--micro_bsz", "1", "--max_steps", str(args.steps), "--precision", "fp32",
            "--peft", "lora", "--lora_r", "32", "--lora_alpha", "32", "--proj_dir", run_dir,
@@ -100,6 +109,10 @@ def main():
     p.add_argument("--width", type=int, default=768)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--grad_cp", type=int, nargs="+", default=[0, 1], choices=(0, 1))
+    p.add_argument("--fast_too", nargs="+", choices=SETTINGS, metavar="NAME",
+                   help="with --grad_cp 0 1: only these settings also run with --grad_cp 0 (default: all)")
+    p.add_argument("--threads", type=int, help="torch's CPU threads in train.py (default: torch's choice); 1 "
+                                                "keeps timings steadier on a loaded machine")
     p.add_argument("--only", nargs="+", choices=SETTINGS, metavar="NAME",
                    help="these settings only ('glibc default' always runs: the reference)")
     args = p.parse_args()
@@ -107,9 +120,10 @@ def main():
     names = [n for n in SETTINGS if (not args.only or n in args.only or n == "glibc default")
              and (SETTINGS[n][1] is None or library(SETTINGS[n][1]))]
     missing = [n for n in SETTINGS if SETTINGS[n][1] and not library(SETTINGS[n][1])]
-    cases = [("glibc default", 0)] + [(n, cp) for cp in args.grad_cp for n in names if (n, cp) != ("glibc default", 0)]
+    cases = [("glibc default", 0)] + [(n, cp) for cp in args.grad_cp for n in names if (n, cp) != ("glibc default", 0)
+                                      and (cp == 1 or not args.fast_too or n in args.fast_too)]
     print(f"RWKV-7 L{args.layers} C{args.width} V65536, LoRA r=32, ctx {args.ctx}, batch 1, fp32, {args.steps} steps, "
-          f"{args.rounds} rounds; load average {os.getloadavg()[0]:.1f}"
+          f"{args.rounds} rounds, {args.threads or 'default'} threads; load average {os.getloadavg()[0]:.1f}"
           + (f"; not installed: {', '.join(missing)}" if missing else ""), flush=True)
     results = {c: [] for c in cases}
     with tempfile.TemporaryDirectory(prefix="bench-alloc-") as tmp:

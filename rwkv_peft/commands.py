@@ -45,9 +45,9 @@ def _train(argv, prog: str, entry: bool) -> None:
     if entry:
         import torch
 
-        from .train.allocator import preload_jemalloc
+        from .train.allocator import preload_malloc
 
-        preload_jemalloc(args, on_gpu=torch.cuda.is_available())
+        preload_malloc(args, on_gpu=torch.cuda.is_available())
     from .train.run_settings import given_flags
     from .train.trainer import train as run_training
 

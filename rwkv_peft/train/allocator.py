@@ -26,13 +26,26 @@ from pathlib import Path
 from ..model.config import SMALL_MODEL_PARAMS
 
 GUARD = "RWKV_PEFT_MALLOC"  # set in the re-executed process (its value: the malloc it asked for)
-JEMALLOC_CONF = "dirty_decay_ms:1000,muzzy_decay_ms:0"  # a freed page waits ~1 s for reuse, then goes back
+# The mallocs to preload, best first (bench/README.md, "Allocators"): the library's name for the
+# dynamic linker's lookup and the environment it runs with. tcmalloc as it comes reuses freed
+# spans and returns them slowly; its report of blocks over 1 GB (a long context's logits) is
+# turned off. jemalloc purges blocks of 8 MB and more at once unless oversize_threshold is 0.
+MALLOCS = (("tcmalloc", "tcmalloc_minimal", {"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 50)}),
+           ("jemalloc", "jemalloc", {"MALLOC_CONF": "oversize_threshold:0,background_thread:true,"
+                                                   "dirty_decay_ms:1000,muzzy_decay_ms:0"}))
 KNOWN = ("jemalloc", "tcmalloc", "mimalloc")  # mallocs that replace glibc's when preloaded
+INSTALL = "apt install libtcmalloc-minimal4"  # Debian, Ubuntu
 
 
-def find_jemalloc() -> str | None:
-    """jemalloc's library as the dynamic linker finds it (Debian, Ubuntu: apt install libjemalloc2), or None."""
-    return ctypes.util.find_library("jemalloc") if platform.system() == "Linux" else None
+def find_malloc() -> tuple[str, str, dict] | None:
+    """The best malloc installed: (name, library, environment), or None (then glibc's it is)."""
+    if platform.system() != "Linux":
+        return None
+    for name, library, env in MALLOCS:
+        found = ctypes.util.find_library(library)
+        if found:
+            return name, found, env
+    return None
 
 
 def malloc_in_use() -> str:
@@ -60,22 +73,23 @@ def _large_model(args) -> bool:
     return 12 * args.n_layer * args.n_embd ** 2 >= SMALL_MODEL_PARAMS
 
 
-def wants_jemalloc(args, on_gpu: bool) -> bool:
+def wants_malloc(args, on_gpu: bool) -> bool:
     """Training on the CPU with --cpu_malloc compact, or auto and a large model: then the step's
     large temporaries decide its speed and memory (GPU tensors do not use malloc)."""
     return not on_gpu and (args.cpu_malloc == "compact" or (args.cpu_malloc == "auto" and _large_model(args)))
 
 
-def preload_jemalloc(args, on_gpu: bool) -> None:
-    """Execute this process again on jemalloc when it wants it and jemalloc is installed; returns
-    (doing nothing) otherwise. Call once, first thing, from a process's entry point."""
-    if os.environ.get(GUARD) or user_set_malloc() or malloc_in_use() != "glibc" or not wants_jemalloc(args, on_gpu):
+def preload_malloc(args, on_gpu: bool) -> None:
+    """Execute this process again on the best malloc installed when it wants one; returns (doing
+    nothing) otherwise. Call once, first thing, from a process's entry point."""
+    if os.environ.get(GUARD) or user_set_malloc() or malloc_in_use() != "glibc" or not wants_malloc(args, on_gpu):
         return
-    library = find_jemalloc()
-    if library is None:
+    found = find_malloc()
+    if found is None:
         return
+    name, library, settings = found
     preload = " ".join(x for x in (library, os.environ.get("LD_PRELOAD")) if x)
-    env = dict(os.environ, LD_PRELOAD=preload, MALLOC_CONF=JEMALLOC_CONF, **{GUARD: "jemalloc"})
+    env = dict(os.environ, LD_PRELOAD=preload, **settings, **{GUARD: name})
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, sys.orig_argv, env)
@@ -85,12 +99,10 @@ def describe(compact: bool) -> str | None:
     """The log line naming the malloc of a CPU run, or None where there is nothing to say (glibc as
     it comes, in the default mode)."""
     name = malloc_in_use()
-    if name == "jemalloc":
-        conf = os.environ.get("MALLOC_CONF", "its defaults")
-        return f"malloc: jemalloc ({conf})"
-    if name != "glibc":
-        return f"malloc: {name}"
-    if compact:
-        return ("malloc: glibc with a fixed mmap threshold (steps up to 2x slower; install jemalloc, e.g. "
-                "apt install libjemalloc2, for the same memory at full speed)")
+    if name not in ("glibc", "system"):
+        settings = " ".join(f"{k}={os.environ[k]}" for k in ("MALLOC_CONF",) if k in os.environ)
+        return f"malloc: {name}" + (f" ({settings})" if settings else "")
+    if compact and name == "glibc":
+        return (f"malloc: glibc with a fixed mmap threshold (steps up to 2x slower; {INSTALL} for the same "
+                "memory at nearly full speed)")
     return None
