@@ -111,3 +111,12 @@ def test_auto_reexecutes_for_large_models(execs, tmp_path):
     allocator.preload_malloc(_args("auto", load_model=str(large)), on_gpu=False)
     allocator.preload_malloc(_args("auto", n_layer=12, n_embd=768), on_gpu=False)
     assert len(execs) == 2
+
+
+def test_the_first_malloc_installed_is_taken(monkeypatch):
+    installed = {"jemalloc": "libjemalloc.so.2"}  # tcmalloc missing: the next in the list
+    monkeypatch.setattr(allocator.ctypes.util, "find_library", installed.get)
+    name, library, settings = allocator.find_malloc()
+    assert (name, library) == ("jemalloc", "libjemalloc.so.2") and "MALLOC_CONF" in settings
+    installed.clear()
+    assert allocator.find_malloc() is None
