@@ -10,7 +10,9 @@ but each such free raises the threshold to that block's size (up to 32 MB), so f
 step on these blocks come from the heap, where freed space stays resident and fragmented.
 Fixing the threshold with mallopt (which also turns off the raising) gives every block of
 256 KB or more back at once. The price is paid in page faults: each new block is fresh,
-zero-filled memory.
+zero-filled memory. Where tcmalloc or jemalloc is installed, the compact mode runs on it
+instead (allocator.py: it reuses freed blocks without keeping them fragmented) and the
+mallopt setting is left out.
 
 Measured on that model (bench/bench_train_memory.py, two runs; same losses in every setting):
 
