@@ -4,8 +4,10 @@ giving memory back. LoRA r=32 on the RWKV-7 0.1B shape, ctx 512, batch 1, fp32.
 
     python bench/bench_allocators.py [--steps 4] [--rounds 2] [--grad_cp 0 1] [--threads N] [--only NAME ...]
 
-CPU s is the whole process's (start-up included), a measure that load from other processes
-disturbs less than the wall time. Every setting is the real train.py (one process, ZeRO-1) started with --cpu_malloc default
+CPU s a step is the process's user + system time over the steps after the first (read from
+/proc while it runs), a measure that load from other processes disturbs far less than the wall
+time; its ratio is the fast mode's over the row's (higher: faster). CPU s is the whole
+process's, start-up included. Every setting is the real train.py (one process, ZeRO-1) started with --cpu_malloc default
 (the trainer then leaves malloc alone) and its allocator in the environment: LD_PRELOAD with
 the Debian library (libjemalloc2, libtcmalloc-minimal4, libmimalloc2.0; a missing one is
 skipped) and its variables. 'glibc compact' is train.py's own --cpu_malloc compact.
@@ -25,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -35,6 +38,7 @@ from bench_train_cpu import write_workspace  # noqa: E402
 from rwkv_peft.train.allocator import GUARD  # noqa: E402
 from tiny_workspace import clean_env  # noqa: E402
 
+TICKS = os.sysconf("SC_CLK_TCK")
 LIBS = {"jemalloc": "libjemalloc.so.2", "tcmalloc": "libtcmalloc_minimal.so.4", "mimalloc": "libmimalloc.so.2"}
 
 # name -> (train.py's --cpu_malloc, library to preload or None, extra environment)
@@ -84,7 +88,22 @@ def run(work: Path, args, run_dir: str, grad_cp: int, name: str) -> dict:
            "--peft", "lora", "--lora_r", "32", "--lora_alpha", "32", "--proj_dir", run_dir,
            "--grad_cp", str(grad_cp), "--cpu_malloc", cpu_malloc]
     proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    err = proc.stderr.read()
+    err = []
+    reader = threading.Thread(target=lambda: err.append(proc.stderr.read()))
+    reader.start()
+    metrics, marks = work / run_dir / "metrics.jsonl", {}  # steps done -> the process's CPU seconds then
+    while True:
+        try:
+            stat = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            done = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+        except (FileNotFoundError, ProcessLookupError):
+            break
+        if stat[0] == "Z":  # exited, not yet reaped
+            break
+        marks.setdefault(done, (int(stat[11]) + int(stat[12])) / TICKS)  # utime + stime
+        time.sleep(0.05)
+    reader.join()
+    err = err[0]
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
@@ -92,7 +111,8 @@ def run(work: Path, args, run_dir: str, grad_cp: int, name: str) -> dict:
     records = [json.loads(x) for x in (work / run_dir / "metrics.jsonl").read_text().splitlines()]
     elapsed = [r["elapsed_s"] for r in records]
     step_s = statistics.median(b - a for a, b in zip(elapsed, elapsed[1:]))
-    return {"tokens_s": args.ctx / step_s, "peak_mb": usage.ru_maxrss / 1024, "sys_s": usage.ru_stime,
+    steps_cpu = (max(marks.items())[1] - marks[1]) / (max(marks) - 1) if 1 in marks and max(marks) > 1 else float("nan")
+    return {"tokens_s": args.ctx / step_s, "step_cpu_s": steps_cpu, "peak_mb": usage.ru_maxrss / 1024, "sys_s": usage.ru_stime,
             "cpu_s": usage.ru_utime + usage.ru_stime,
             "faults_k": usage.ru_minflt / 1000, "losses": [r["loss"] for r in records]}
 
@@ -135,16 +155,19 @@ def main():
                 results[(name, cp)].append(run(work, args, f"run-{r}-{i}", cp, name))
                 x = results[(name, cp)][-1]
                 print(f"  round {r + 1}: {name}, --grad_cp {cp}: {x['tokens_s']:.1f} tokens/s, "
+                      f"{x['step_cpu_s']:.2f} CPU s a step, "
                       f"{x['peak_mb']:.0f} MB ({time.monotonic() - t0:.0f} s, load {os.getloadavg()[0]:.1f})",
                       flush=True)
     fast = results[("glibc default", 0)]
     print(f"\nload average at the end {os.getloadavg()[0]:.1f}\n")
-    print("| malloc | --grad_cp | tokens/s | vs fast mode (same round) | peak RSS MB | CPU s (user + system) "
-          "| system s | minor faults (k) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| malloc | --grad_cp | tokens/s | vs fast mode (same round) | CPU s a step | vs fast mode (CPU) "
+          "| peak RSS MB | CPU s (user + system) | system s | minor faults (k) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for (name, cp), xs in results.items():
         ratios = [x["tokens_s"] / f["tokens_s"] for x, f in zip(xs, fast)]
+        cpu_ratios = [f["step_cpu_s"] / x["step_cpu_s"] for x, f in zip(xs, fast)]
         print(f"| {name} | {cp} | {spread([x['tokens_s'] for x in xs], '.0f')} | {spread(ratios, '.2f')}x "
+              f"| {spread([x['step_cpu_s'] for x in xs], '.2f')} | {spread(cpu_ratios, '.2f')}x "
               f"| {spread([x['peak_mb'] for x in xs], '.0f')} | {spread([x['cpu_s'] for x in xs], '.0f')} "
               f"| {spread([x['sys_s'] for x in xs], '.0f')} "
               f"| {spread([x['faults_k'] for x in xs], '.0f')} |")
