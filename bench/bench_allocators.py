@@ -111,9 +111,10 @@ def run(work: Path, args, run_dir: str, grad_cp: int, name: str) -> dict:
     records = [json.loads(x) for x in (work / run_dir / "metrics.jsonl").read_text().splitlines()]
     elapsed = [r["elapsed_s"] for r in records]
     step_s = statistics.median(b - a for a, b in zip(elapsed, elapsed[1:]))
-    steps_cpu = (max(marks.items())[1] - marks[1]) / (max(marks) - 1) if 1 in marks and max(marks) > 1 else float("nan")
-    return {"tokens_s": args.ctx / step_s, "step_cpu_s": steps_cpu, "peak_mb": usage.ru_maxrss / 1024, "sys_s": usage.ru_stime,
-            "cpu_s": usage.ru_utime + usage.ru_stime,
+    last = max(marks)
+    steps_cpu = (marks[last] - marks[1]) / (last - 1) if 1 in marks and last > 1 else float("nan")
+    return {"tokens_s": args.ctx / step_s, "step_cpu_s": steps_cpu, "peak_mb": usage.ru_maxrss / 1024,
+            "sys_s": usage.ru_stime, "cpu_s": usage.ru_utime + usage.ru_stime,
             "faults_k": usage.ru_minflt / 1000, "losses": [r["loss"] for r in records]}
 
 
