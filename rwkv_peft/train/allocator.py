@@ -2,10 +2,10 @@
 
 glibc's malloc keeps the freed activations of a step resident and fragmented (cpu_memory.py);
 the compact setting gives them back by mapping every large block on its own, at the price of
-fresh zero-filled pages for each block, every step: about 2 million page faults in a 3-step
-run of the 0.1B shape against 0.3 million for tcmalloc, which reuses freed spans, keeps blocks
-of one size together and gives memory back slowly, and so holds the resident set near what the
-step really keeps (bench/README.md, "Allocators").
+fresh zero-filled pages for each block, every step: 6.2 million page faults in a 3-step run of
+the 0.1B shape against 0.33 million for tcmalloc, which reuses freed spans, keeps blocks of one
+size together and gives memory back slowly, and so holds the resident set near what the step
+really keeps at about glibc's default speed (bench/README.md, "Allocators").
 
 A malloc must be in place before the process allocates anything, and the dynamic linker reads
 LD_PRELOAD only when a program starts. So a training process that wants one executes itself
