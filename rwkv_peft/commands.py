@@ -35,12 +35,19 @@ def _help(text: str) -> str:
 
 
 def train(argv=None, prog: str | None = None) -> int:
-    """The training command (train.py, rwkv-peft-train)."""
-    return run_command(lambda argv: _train(argv, prog or command_prog("train")), argv)
+    """The training command (train.py, rwkv-peft-train). Started as a program (argv None), it may
+    execute itself again once on jemalloc (train/allocator.py); called with argv, it never does."""
+    return run_command(lambda args: _train(args, prog or command_prog("train"), entry=argv is None), argv)
 
 
-def _train(argv, prog: str) -> None:
+def _train(argv, prog: str, entry: bool) -> None:
     args = parse_args(argv, prog=prog, description=_help(TRAIN_HELP))  # --help exits here, before the heavy imports
+    if entry:
+        import torch
+
+        from .train.allocator import preload_malloc
+
+        preload_malloc(args, on_gpu=torch.cuda.is_available())
     from .train.run_settings import given_flags
     from .train.trainer import train as run_training
 

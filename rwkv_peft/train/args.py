@@ -164,10 +164,12 @@ class _Options:
     grad_cp: int | None = opt(None, "1: gradient checkpointing per block (less memory, ~30%% more compute; on "
                                     "CPUs 1.1-1.2x the step time). Default: 1 when training a model of 20M+ "
                                     "parameters on the CPU, else 0", choices=(0, 1), check=None)
-    cpu_malloc: str = opt("auto", "CPU runs: compact fixes glibc's mmap threshold so that freed activations "
-                                  "leave the resident set (0.1B model, ctx 512: 1-1.7 GB less, steps 1.5-1.8x "
-                                  "slower), default leaves malloc alone; auto: compact for models of 20M+ "
-                                  "parameters. MALLOC_* variables in the environment win",
+    cpu_malloc: str = opt("auto", "CPU runs: compact keeps freed activations out of the resident set (0.1B "
+                                  "model, ctx 512: 1-1.7 GB less): on tcmalloc or jemalloc where installed (the "
+                                  "process restarts itself once with it preloaded), else with glibc's mmap "
+                                  "threshold fixed (steps 1.5-2x slower); default leaves malloc alone; auto: "
+                                  "compact for models of 20M+ parameters. MALLOC_* variables or "
+                                  "RWKV_PEFT_MALLOC=glibc in the environment win",
                           choices=("auto", "compact", "default"))
     chunk_ctx: int = opt(0, "long-context training: run each sample as pieces of N tokens carrying the RNN state, "
                             "with exact gradients; activation memory is one piece's (0: off)")

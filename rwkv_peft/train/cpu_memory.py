@@ -10,7 +10,9 @@ but each such free raises the threshold to that block's size (up to 32 MB), so f
 step on these blocks come from the heap, where freed space stays resident and fragmented.
 Fixing the threshold with mallopt (which also turns off the raising) gives every block of
 256 KB or more back at once. The price is paid in page faults: each new block is fresh,
-zero-filled memory.
+zero-filled memory. Where tcmalloc or jemalloc is installed, the compact mode runs on it
+instead (allocator.py: it reuses freed blocks without keeping them fragmented) and the
+mallopt setting is left out.
 
 Measured on that model (bench/bench_train_memory.py, two runs; same losses in every setting):
 
@@ -27,27 +29,22 @@ short on a small machine; smaller models keep the fast path (their steps need li
 from __future__ import annotations
 
 import ctypes
-import os
 import platform
 from dataclasses import dataclass
 
 import torch
 
 from ..model.config import SMALL_MODEL_PARAMS
+from .allocator import describe as describe_malloc, malloc_in_use, user_set_malloc
 
 M_MMAP_THRESHOLD = -3  # mallopt's parameter number, from glibc's malloc.h
 MMAP_THRESHOLD = 256 * 1024  # a [ctx, C] activation is far above it; small tensors stay on the heap
 
 
-def user_set_malloc() -> bool:
-    """True if the environment already tunes glibc's malloc: the user's settings win."""
-    return "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "") or any(k.startswith("MALLOC_") for k in os.environ)
-
-
 def map_large_blocks(threshold: int = MMAP_THRESHOLD) -> bool:
     """Serve blocks of `threshold` bytes and more by their own mappings from now on (glibc only,
-    not where the environment tunes malloc); returns whether the setting was made."""
-    if user_set_malloc() or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    not where the environment tunes malloc or another malloc runs); returns whether the setting was made."""
+    if user_set_malloc() or platform.system() != "Linux" or malloc_in_use() != "glibc":
         return False
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
     return mallopt is not None and mallopt(M_MMAP_THRESHOLD, threshold) == 1
@@ -87,5 +84,7 @@ def place_model(model: torch.nn.Module, args, device: torch.device, log) -> Memo
     memory = choose_cpu_memory(args, model, device)  # --grad_cp and --cpu_malloc auto
     if memory.note:
         log(memory.note)
+    if device.type == "cpu" and (line := describe_malloc(memory.cpu_malloc == "compact")):
+        log(line)
     model.grad_checkpointing = bool(memory.grad_cp)
     return memory
