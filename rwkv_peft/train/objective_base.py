@@ -28,13 +28,20 @@ class Reference:
 
     @torch.no_grad()
     def logits(self, model, inputs: torch.Tensor) -> torch.Tensor:
+        with self.active(model) as reference:
+            return reference(inputs)
+
+    @contextmanager
+    def active(self, model):
+        """The reference model, to call as model is called, for the duration of the with block."""
         if self.copy is not None:
-            return self.copy(inputs)
-        if self.initial is not None:
+            yield self.copy
+        elif self.initial is not None:
             with _values_swapped(model, self.initial):
-                return model(inputs)
-        with adapters_disabled(model, self.states):
-            return model(inputs)
+                yield model
+        else:
+            with adapters_disabled(model, self.states):
+                yield model
 
 
 def _frozen_copy(model):

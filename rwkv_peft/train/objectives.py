@@ -14,6 +14,15 @@ The reference model of DPO costs no second copy of the base weights:
 - --peft full, or --train_parts that change base tensors (ln, time, emb, head): a frozen copy
   of the model, taken before training (the one case that holds the weights twice).
 SimPO and ORPO have no reference model; GRPO's is DPO's, and only with --beta > 0.
+
+With --chunk_ctx N the pairwise objectives run each sequence as pieces of N tokens with the
+RNN state carried (long_context.chunked_sum), policy and reference alike. Their losses are
+functions of per-sequence sums only (each row's summed log-probability and its token count),
+so the pieces compute each row's sum, summed over the pieces, the loss is taken of those sums
+as of the whole-sequence ones, and backward hands each row sum its gradient, which flows
+through the pieces (each rerun once with autograd, the state's gradient carried back) as it
+would through one whole-sequence pass: the loss and gradients are the unchunked ones up to
+float rounding, with one piece's activations held at a time.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from ..errors import RWKVPeftError
 from ..preference import dpo_loss, orpo_loss, sequence_logps, simpo_loss
 from .args import TrainArgs
 from .grpo_objective import GRPO
+from .long_context import chunked_sum
 from .objective_base import Figures, Reference
 
 OBJECTIVES = ("sft", "dpo", "simpo", "orpo", "grpo")
@@ -53,9 +63,9 @@ def check_objective_args(args: TrainArgs) -> None:
     if args.val_split:
         raise RWKVPeftError(f"--val_split splits SFT data; with --objective {args.objective} give held-out chat "
                             "or SFT data as --val_file instead")
-    if args.chunk_ctx:
-        raise RWKVPeftError(f"--chunk_ctx is not supported with --objective {args.objective} yet; its "
-                            "sequences are short, drop --chunk_ctx")
+    if args.chunk_ctx and args.objective == "grpo":
+        raise RWKVPeftError("--chunk_ctx is not supported with --objective grpo yet; its completions are "
+                            "short, drop --chunk_ctx")
     if args.data_type not in ("auto", "jsonl"):
         records = "prompt" if args.objective == "grpo" else "prompt/chosen/rejected"
         raise RWKVPeftError(f"--objective {args.objective} trains on a .jsonl file of {records} "
@@ -75,17 +85,25 @@ def make_objective(run):
     args = run.args
     if args.objective == "sft":
         return None
-    if args.objective == "dpo":
-        return DPO(args.beta, Reference(run))
-    if args.objective == "simpo":
-        return SimPO(args.beta, args.gamma)
     if args.objective == "grpo":
         return GRPO(run)
-    return ORPO(args.orpo_lambda)
+    pieces = {"chunk_ctx": args.chunk_ctx, "chunk_detach": args.chunk_detach}
+    if args.objective == "dpo":
+        return DPO(args.beta, Reference(run), **pieces)
+    if args.objective == "simpo":
+        return SimPO(args.beta, args.gamma, **pieces)
+    return ORPO(args.orpo_lambda, **pieces)
 
 
 class _Preference(Figures):
-    """Shared by the pairwise objectives: per-sequence log-probs of the batch's chosen and rejected replies."""
+    """Shared by the pairwise objectives: per-sequence log-probs of the batch's chosen and rejected replies.
+
+    chunk_ctx: run the sequences in pieces of that many tokens (0: whole); chunk_detach: cut
+    the gradient between pieces (--chunk_detach, not exact)."""
+
+    def __init__(self, chunk_ctx: int = 0, chunk_detach: bool = False):
+        super().__init__()
+        self.chunk_ctx, self.chunk_detach = chunk_ctx, chunk_detach
 
     def micro_batch_loss(self, engine, batch: dict) -> torch.Tensor:
         device = next(engine.module.parameters()).device
@@ -95,17 +113,29 @@ class _Preference(Figures):
         return loss
 
     def policy_logps(self, engine, inputs, targets, mask):
-        logps, counts = sequence_logps(engine(inputs), targets, mask)
+        logps, counts = self.sequence_logps(engine, inputs, targets, mask)
         return logps.chunk(2), counts.chunk(2)
+
+    def sequence_logps(self, model, inputs, targets, mask):
+        """preference.sequence_logps of model on the batch, in one pass or in pieces (module docstring)."""
+        if not self.chunk_ctx:
+            return sequence_logps(model(inputs), targets, mask)
+        logps = chunked_sum(model, inputs, targets, mask, self.chunk_ctx, _row_logps, detach=self.chunk_detach)
+        return logps, mask.to(logps.dtype).sum(-1)
+
+
+def _row_logps(logits, targets, mask):
+    return sequence_logps(logits, targets, mask)[0]
 
 
 class DPO(_Preference):
-    def __init__(self, beta: float, reference: Reference):
-        super().__init__()
+    def __init__(self, beta: float, reference: Reference, **pieces):
+        super().__init__(**pieces)
         self.beta, self.reference = beta, reference
 
     def loss(self, engine, inputs, targets, mask):
-        ref_logps, _ = sequence_logps(self.reference.logits(engine.module, inputs), targets, mask)
+        with torch.no_grad(), self.reference.active(engine.module) as reference:
+            ref_logps, _ = self.sequence_logps(reference, inputs, targets, mask)
         (chosen, rejected), _ = self.policy_logps(engine, inputs, targets, mask)
         ref_chosen, ref_rejected = ref_logps.chunk(2)
         loss, metrics = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, self.beta)
@@ -113,8 +143,8 @@ class DPO(_Preference):
 
 
 class SimPO(_Preference):
-    def __init__(self, beta: float, gamma: float):
-        super().__init__()
+    def __init__(self, beta: float, gamma: float, **pieces):
+        super().__init__(**pieces)
         self.beta, self.gamma = beta, gamma
 
     def loss(self, engine, inputs, targets, mask):
@@ -124,8 +154,8 @@ class SimPO(_Preference):
 
 
 class ORPO(_Preference):
-    def __init__(self, lam: float):
-        super().__init__()
+    def __init__(self, lam: float, **pieces):
+        super().__init__(**pieces)
         self.lam = lam
 
     def loss(self, engine, inputs, targets, mask):
