@@ -39,6 +39,11 @@ def resolve(args: TrainArgs, world: int, given: frozenset[str] | None = None,
         args = continue_settings(args, proj_dir, given, auto_precision())
     args = _decide_defaults(args)
     config = deepspeed_config(args, world)  # a user's JSON may set the batch sizes and precision
+    if args.chunk_ctx and "state" in args.train_parts and config["zero_optimization"]["stage"] == 3:
+        # the first piece's state is built from att.time_state outside a forward, where stage 3
+        # holds only this process's partition of it
+        raise RWKVPeftError("--chunk_ctx with --train_parts state needs ZeRO stage 1 or 2 (stage 3 partitions the "
+                            "learned state); use --strategy deepspeed_stage_2, or drop --chunk_ctx")
     if not args.resume:  # decided last: a new default directory is created as it is chosen
         proj_dir = choose_dir(args)
     args = replace(args, proj_dir=str(proj_dir))
