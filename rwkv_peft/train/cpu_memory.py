@@ -104,8 +104,8 @@ def choose_cpu_memory(args, model: torch.nn.Module, device: torch.device) -> Mem
     est = estimate[grad_cp, cpu_malloc if device.type == "cpu" else "default"]
     line = f"{flags}{' (given)' if given else ''}: est. peak {size_text(est)} of {size_text(budget)} ({of})"
     if not fitting:
-        line = (f"warning: {line}; no setting fits {'it' if given else 'with a 10% margin'}, going on"
-                + ("" if given else " with the smallest"))
+        line = (f"warning: {line}, above {MARGIN:.0%} of it; going on with "
+                + ("the setting given" if given else "the setting that needs least"))
     return MemoryChoice(grad_cp, cpu_malloc, line)
 
 
