@@ -66,7 +66,7 @@ def test_malloc_settings_in_the_environment_win(monkeypatch):
     assert not cpu_memory.map_large_blocks()
 
 
-GB = 10**9
+GB = 2**30
 # stand-in estimates of the four settings' step memory, so that the choice alone is tested
 STEP = {(0, "default"): 3 * GB, (1, "default"): 2 * GB, (0, "compact"): 1.8 * GB, (1, "compact"): 1 * GB}
 
@@ -100,11 +100,11 @@ def test_auto_takes_the_fastest_setting_that_fits(monkeypatch):
     grad_cp, malloc, applied, note = _choose(monkeypatch, 0.5)     # nothing fits: the smallest, with a warning
     assert (grad_cp, malloc, applied) == (1, "compact", True) and note.startswith("warning: ")
     # the line says what was chosen and from what
-    assert _choose(monkeypatch, 20)[3] == "--grad_cp 0 --cpu_malloc default: est. peak 3.5 GB of 20.5 GB " \
-                                          "(20 GB free + 500 MB this process holds)"
+    assert _choose(monkeypatch, 20)[3] == "--grad_cp 0 --cpu_malloc default: est. peak 3.5 GiB of 20.5 GiB " \
+                                          "(20 GiB free + 512 MiB this process holds)"
     # --max_memory replaces the memory free
     grad_cp, malloc, _, note = _choose(monkeypatch, 20, max_memory="2G")
-    assert (grad_cp, malloc) == (1, "compact") and note.endswith("est. peak 1.5 GB of 2.15 GB (--max_memory)")
+    assert (grad_cp, malloc) == (1, "compact") and note.endswith("est. peak 1.5 GiB of 2 GiB (--max_memory)")
     # what the user asked for wins; auto chooses the other among what is left
     assert _choose(monkeypatch, 20, grad_cp=1)[:3] == (1, "default", False)
     assert _choose(monkeypatch, 2.2, grad_cp=0)[:3] == (0, "compact", True)

@@ -38,9 +38,9 @@ def work(tmp_path_factory):
 
 
 def logged_estimate(stdout: str) -> float:
-    """Bytes of the 'est. peak 1.23 GB' / '456 MB' in the run's memory line."""
-    value, unit = re.search(r"est\. peak ([\d.]+) (MB|GB)", stdout).groups()
-    return float(value) * (1e9 if unit == "GB" else 1e6)
+    """Bytes of the 'est. peak 1.23 GiB' / '456 MiB' in the run's memory line."""
+    value, unit = re.search(r"est\. peak ([\d.]+) (MiB|GiB)", stdout).groups()
+    return float(value) * (2**30 if unit == "GiB" else 2**20)
 
 
 @pytest.mark.slow

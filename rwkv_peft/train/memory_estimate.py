@@ -190,7 +190,8 @@ def _cgroup_room() -> int | None:
 
 
 def size_text(n: float) -> str:
-    """1.23 GB, 456 MB: three significant figures (the memory estimate test reads them back)."""
-    if n >= 1e9:
-        return f"{n / 1e9:.3g} GB"
-    return f"{n / 1e6:.3g} MB"
+    """1.23 GiB, 456 MiB: three significant figures (the memory estimate test reads them back), in
+    the binary units --max_memory takes."""
+    if n >= 2**30:
+        return f"{n / 2**30:.3g} GiB"
+    return f"{n / 2**20:.3g} MiB"
