@@ -125,3 +125,25 @@ def test_lean_settings_leave_the_losses_unchanged(tmp_path):
     recorded = json.loads((work / "defaults" / "args.json").read_text())
     assert (recorded["grad_cp"], recorded["cpu_malloc"]) == (0, "default")
     assert losses(work / "lean") == losses(work / "defaults") and len(losses(work / "lean")) == 3
+
+
+def test_auto_on_a_gpu_decides_grad_cp_from_its_free_memory(monkeypatch):
+    """A GPU's free memory (stubbed: no GPU here) decides --grad_cp alone; malloc is left alone."""
+    from rwkv_peft.model import create_model
+    from rwkv_peft.model.init import rwkv7_config
+
+    applied = []
+    monkeypatch.setattr(cpu_memory, "map_large_blocks", lambda: applied.append(True))
+    model = create_model(rwkv7_config(2, 128, 64, 256), seed=0, dtype=torch.float32)
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: weights)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: weights)
+    args = SimpleNamespace(grad_cp=None, cpu_malloc="auto", max_memory=None, micro_bsz=8, ctx_len=16384,
+                           chunk_ctx=0, objective="sft", precision="bf16")
+    # 8 x 16384 tokens keep 2 blocks x 50 values of n_embd 128 in bf16 without checkpointing
+    # (3.4 GB), 2 x 1 with it, besides two blocks' backward (3.4 GB)
+    for free_gib, expected in ((80, 0), (6, 1)):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None, f=free_gib: (f * 2**30, 80 * 2**30))
+        choice = cpu_memory.choose_cpu_memory(args, model, torch.device("cuda"))
+        assert (choice.grad_cp, choice.cpu_malloc, applied) == (expected, "default", [])
+        assert choice.note.startswith(f"--grad_cp {expected}: est. peak")
