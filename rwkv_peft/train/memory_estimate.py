@@ -16,10 +16,10 @@ The activation figures were measured once (saved_tensors_hooks over the blocks' 
 bench/bench_train_memory.py's breakdown does: 933 MB for 12 blocks of n_embd 768 at ctx 512):
 an RWKV-7 block keeps 47-52 x n_embd values per token for backward, an RWKV-6 block 46-48;
 --grad_cp 1 keeps only each block's input (and RWKV-7's v_first) and recomputes one block at
-a time. What a real step adds on top (the
-backward's temporaries and, with glibc's malloc as it comes, the freed blocks that stay
-resident) is fitted to the peak RSS of real train.py runs (bench/README.md, "Memory estimate");
-tests/test_memory_estimate.py checks the whole estimate against measured peaks.
+a time. What a real step adds on top (the backward's temporaries and, with glibc's malloc as
+it comes, the freed blocks that stay resident) is fitted to the peak RSS of real train.py runs
+(bench/README.md, "The estimate behind the choice"); tests/test_memory_estimate.py checks the
+whole estimate against measured peaks.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ BLOCK_SAVED = 50
 # (--grad_cp, --cpu_malloc): (per block, outside the blocks) in values of n_embd, and copies of
 # the vocabulary-sized logits. Fitted (least squares on the relative error of the whole peak) to
 # the peak RSS of 2-step train.py runs over 2-12 layers, n_embd 256-768, ctx 512-1024 and
-# vocabularies of 1024 and 65536 (bench/README.md, "Memory estimate"). The kept activations
+# vocabularies of 1024 and 65536 (bench/README.md, "The estimate behind the choice"). The kept activations
 # (BLOCK_SAVED a block, 1-2 under --grad_cp 1) are part of it; what is above them is the
 # backward's temporaries and, with glibc's malloc as it comes, freed blocks kept resident.
 # Under --grad_cp 1 --cpu_malloc compact the block inputs vanish in the fit's noise: that peak is
