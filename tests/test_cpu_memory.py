@@ -66,25 +66,51 @@ def test_malloc_settings_in_the_environment_win(monkeypatch):
     assert not cpu_memory.map_large_blocks()
 
 
-def _choose(grad_cp, cpu_malloc, params, device, monkeypatch):
+GB = 2**30
+# stand-in estimates of the four settings' step memory, so that the choice alone is tested
+STEP = {(0, "default"): 3 * GB, (1, "default"): 2 * GB, (0, "compact"): 1.8 * GB, (1, "compact"): 1 * GB}
+
+
+def _choose(monkeypatch, free_gb, grad_cp=None, cpu_malloc="auto", max_memory=None, device="cpu"):
+    """choose_cpu_memory on a tiny model, with 0.5 GB held, `free_gb` free and STEP as the estimates."""
+    from rwkv_peft.model import create_model
+    from rwkv_peft.model.init import rwkv7_config
+    from rwkv_peft.train import memory_estimate as est
+
     applied = []
     monkeypatch.setattr(cpu_memory, "map_large_blocks", lambda: applied.append(True))
-    args = SimpleNamespace(grad_cp=grad_cp, cpu_malloc=cpu_malloc)
-    model = torch.nn.Linear(params // 1000, 1000, bias=False, device="meta")  # counted, never allocated
+    for name, value in {"rss_bytes": 0.5 * GB, "peak_rss_bytes": 0.5 * GB, "weights_to_come": 0,
+                        "cpu_free_bytes": free_gb * GB}.items():
+        monkeypatch.setattr(est, name, lambda *a, value=value: value)
+    monkeypatch.setattr(est, "trainer_state_bytes", lambda shape: 0)
+    monkeypatch.setattr(est, "cpu_step_bytes", lambda shape, cp, malloc: STEP[cp, malloc])
+    args = SimpleNamespace(grad_cp=grad_cp, cpu_malloc=cpu_malloc, max_memory=max_memory, micro_bsz=1, ctx_len=64,
+                           chunk_ctx=0, objective="sft", precision="fp32")
+    model = create_model(rwkv7_config(1, 64, 32, 97), seed=0, dtype=torch.float32)
     choice = cpu_memory.choose_cpu_memory(args, model, torch.device(device))
     return choice.grad_cp, choice.cpu_malloc, bool(applied), choice.note
 
 
-def test_auto_saves_memory_for_large_models_on_the_cpu_only(monkeypatch):
-    grad_cp, malloc, applied, note = _choose(None, "auto", 20_000_000, "cpu", monkeypatch)
-    assert (grad_cp, malloc, applied) == (1, "compact", True)
-    assert "--grad_cp 1 and --cpu_malloc compact" in note and "--grad_cp 0 --cpu_malloc default" in note
-    assert _choose(None, "auto", 19_000_000, "cpu", monkeypatch) == (0, "default", False, None)
-    assert _choose(None, "auto", 20_000_000, "cuda", monkeypatch) == (0, "default", False, None)
-    # what the user asked for wins
-    assert _choose(0, "default", 20_000_000, "cpu", monkeypatch) == (0, "default", False, None)
-    assert _choose(None, "compact", 1_000, "cpu", monkeypatch)[1:3] == ("compact", True)
-    assert _choose(None, "compact", 20_000_000, "cuda", monkeypatch)[2] is False
+def test_auto_takes_the_fastest_setting_that_fits(monkeypatch):
+    # held 0.5 GB + step; fits when at most 90% of free + held
+    assert _choose(monkeypatch, 20)[:3] == (0, "default", False)
+    assert _choose(monkeypatch, 3)[:3] == (1, "default", False)   # 3.5 GB > 0.9 x 3.5; 2.5 GB fits
+    assert _choose(monkeypatch, 2.2)[:3] == (0, "compact", True)  # 2.3 GB fits 0.9 x 2.7, 2.5 GB does not
+    assert _choose(monkeypatch, 1.5)[:3] == (1, "compact", True)
+    grad_cp, malloc, applied, note = _choose(monkeypatch, 0.5)     # nothing fits: the smallest, with a warning
+    assert (grad_cp, malloc, applied) == (1, "compact", True) and note.startswith("warning: ")
+    # the line says what was chosen and from what
+    assert _choose(monkeypatch, 20)[3] == "--grad_cp 0 --cpu_malloc default: est. peak 3.5 GiB of 20.5 GiB " \
+                                          "(20 GiB free + 512 MiB this process holds)"
+    # --max_memory replaces the memory free
+    grad_cp, malloc, _, note = _choose(monkeypatch, 20, max_memory="2G")
+    assert (grad_cp, malloc) == (1, "compact") and note.endswith("est. peak 1.5 GiB of 2 GiB (--max_memory)")
+    # what the user asked for wins; auto chooses the other among what is left
+    assert _choose(monkeypatch, 20, grad_cp=1)[:3] == (1, "default", False)
+    assert _choose(monkeypatch, 2.2, grad_cp=0)[:3] == (0, "compact", True)
+    assert _choose(monkeypatch, 20, cpu_malloc="compact")[:3] == (0, "compact", True)
+    grad_cp, malloc, _, note = _choose(monkeypatch, 1, grad_cp=0, cpu_malloc="default")
+    assert (grad_cp, malloc) == (0, "default") and note.startswith("warning: --grad_cp 0 --cpu_malloc default (given)")
 
 
 @pytest.mark.slow
@@ -99,3 +125,25 @@ def test_lean_settings_leave_the_losses_unchanged(tmp_path):
     recorded = json.loads((work / "defaults" / "args.json").read_text())
     assert (recorded["grad_cp"], recorded["cpu_malloc"]) == (0, "default")
     assert losses(work / "lean") == losses(work / "defaults") and len(losses(work / "lean")) == 3
+
+
+def test_auto_on_a_gpu_decides_grad_cp_from_its_free_memory(monkeypatch):
+    """A GPU's free memory (stubbed: no GPU here) decides --grad_cp alone; malloc is left alone."""
+    from rwkv_peft.model import create_model
+    from rwkv_peft.model.init import rwkv7_config
+
+    applied = []
+    monkeypatch.setattr(cpu_memory, "map_large_blocks", lambda: applied.append(True))
+    model = create_model(rwkv7_config(2, 128, 64, 256), seed=0, dtype=torch.float32)
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: weights)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: weights)
+    args = SimpleNamespace(grad_cp=None, cpu_malloc="auto", max_memory=None, micro_bsz=8, ctx_len=16384,
+                           chunk_ctx=0, objective="sft", precision="bf16")
+    # 8 x 16384 tokens keep 2 blocks x 50 values of n_embd 128 in bf16 without checkpointing
+    # (3.4 GB), 2 x 1 with it, besides two blocks' backward (3.4 GB)
+    for free_gib, expected in ((80, 0), (6, 1)):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None, f=free_gib: (f * 2**30, 80 * 2**30))
+        choice = cpu_memory.choose_cpu_memory(args, model, torch.device("cuda"))
+        assert (choice.grad_cp, choice.cpu_malloc, applied) == (expected, "default", [])
+        assert choice.note.startswith(f"--grad_cp {expected}: est. peak")

@@ -29,6 +29,9 @@ CASES = {
     "ctx_len beyond memory": ("train", ["--ctx_len", str(10**10)],
                               "--ctx_len 10000000000 x --micro_bsz 1 needs at least"),
     "micro_bsz beyond memory": ("train", ["--micro_bsz", str(10**9)], "x --micro_bsz 1000000000 needs at least"),
+    "max_memory unitless text": ("train", ["--max_memory", "lots"], "--max_memory takes a size from 64M to 1024T "
+                                                                  "such as 2.5G or 800M, got 'lots'"),
+    "max_memory too small": ("train", ["--max_memory", "10M"], "--max_memory takes a size from 64M"),
     "ZeRO stage 7": ("train", ["--deepspeed_config", "stage7.json"],
                      "--deepspeed_config stage7.json: zero_optimization.stage: Input should be 0, 1, 2, 3"),
     "offload to a gpu": ("train", ["--deepspeed_config", "offload.json"],

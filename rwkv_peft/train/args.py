@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from dataclasses import dataclass, field, fields, make_dataclass
 
 import torch
@@ -24,7 +25,7 @@ LR_INIT = 1e-4  # --lr_init when none is given, except on the embedded demo (tra
 STATE_LR = 1.0  # --state_lr when none is given: the state needs a far higher rate than weights (README)
 # what --resume may change of a run's own settings (run_settings.py); the rest are the run's
 RESUME_CHANGES = ("max_steps", "epochs", "save_every", "keep_last", "eval_every", "eval_generate", "early_stop",
-                  "report_to", "skip_nonfinite", "grad_cp", "cpu_malloc", "op")
+                  "report_to", "skip_nonfinite", "grad_cp", "cpu_malloc", "max_memory", "op")
 SEGMENT_FLAGS = ("stop_at_step", "dry_run", "debug")  # a command's own: never taken from the run
 STRATEGIES = ("deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_2_offload",
               "deepspeed_stage_3", "deepspeed_stage_3_offload")
@@ -42,6 +43,25 @@ def at_least_two(v) -> str | None:
 
 def probability(v) -> str | None:
     return None if 0 < v <= 1 else "must be in (0, 1]"
+
+
+def grad_cp_flag(text: str) -> int | None:
+    """--grad_cp auto / 0 / 1; None stands for auto."""
+    if text not in ("auto", "0", "1"):
+        raise argparse.ArgumentTypeError(f"choose auto, 0 or 1, not '{text}'")
+    return None if text == "auto" else int(text)
+
+
+SIZE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """--max_memory: '2.5G', '800M', '4096K' or bytes (binary units; a trailing B or iB is allowed)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?)(?:I?B)?\s*", text.upper())
+    size = float(match.group(1)) * SIZE_UNITS[match.group(2)] if match else 0
+    if not 2**26 <= size < 2**50:
+        raise RWKVPeftError(f"--max_memory takes a size from 64M to 1024T such as 2.5G or 800M, got '{text}'")
+    return int(size)
 
 
 def held_out_fraction(v) -> str | None:
@@ -161,16 +181,19 @@ class _Options:
                                  "fp32", choices=("auto", "bf16", "fp16", "fp32"))
     skip_nonfinite: int = opt(0, "micro batches with a non-finite loss that may be skipped before the run "
                                  "stops (0: stop at the first)", check=non_negative)
-    grad_cp: int | None = opt(None, "1: gradient checkpointing per block (less memory, ~30%% more compute; on "
-                                    "CPUs 1.1-1.2x the step time). Default: 1 when training a model of 20M+ "
-                                    "parameters on the CPU, else 0", choices=(0, 1), check=None)
+    grad_cp: int | None = opt(None, "gradient checkpointing per block: 1 saves activation memory for ~30%% more "
+                                    "compute (CPUs: 1.1-1.2x the step time), 0 is off; auto (the default): the "
+                                    "fastest setting whose estimated peak memory fits the memory free (see "
+                                    "--max_memory)", type=grad_cp_flag, metavar="{auto,0,1}", check=None)
     cpu_malloc: str = opt("auto", "CPU runs: compact keeps freed activations out of the resident set (0.1B "
                                   "model, ctx 512: 1-1.7 GB less): on tcmalloc or jemalloc where installed (the "
                                   "process restarts itself once with it preloaded), else with glibc's mmap "
                                   "threshold fixed (steps 1.5-2x slower); default leaves malloc alone; auto: "
-                                  "compact for models of 20M+ parameters. MALLOC_* variables or "
+                                  "decided with --grad_cp auto from the estimated peak. MALLOC_* variables or "
                                   "RWKV_PEFT_MALLOC=glibc in the environment win",
                           choices=("auto", "compact", "default"))
+    max_memory: str | None = opt(None, "memory budget SIZE (e.g. 2.5G, 800M) for --grad_cp / --cpu_malloc auto, "
+                                       "instead of the memory free on the device (RAM, or the GPU's)", metavar="SIZE")
     chunk_ctx: int = opt(0, "long-context training: run each sample as pieces of N tokens carrying the RNN state, "
                             "with exact gradients; activation memory is one piece's (0: off)")
     chunk_detach: bool = opt(False, "with --chunk_ctx: cut the gradient at piece boundaries (truncated BPTT, as "
@@ -230,7 +253,7 @@ def build_parser(prog: str = "train.py", description: str | None = None) -> argp
         if type_name == "bool":
             kw["action"] = "store_true"
         elif "nargs" not in meta:
-            kw["type"] = {"int": int, "float": float}.get(type_name.removesuffix(" | None"), str)
+            kw.setdefault("type", {"int": int, "float": float}.get(type_name.removesuffix(" | None"), str))
         elif f.default == ():  # a list option: argparse wants a list default
             kw["default"] = []
         groups[group].add_argument(f"--{f.name}", **kw)
@@ -259,6 +282,8 @@ def check_args(args: TrainArgs) -> None:
     if args.chunk_ctx < 0 or args.chunk_ctx > args.ctx_len:  # a range that depends on --ctx_len
         raise RWKVPeftError(f"--chunk_ctx must be between 1 and --ctx_len ({args.ctx_len}), or 0 for off; "
                             f"got {args.chunk_ctx}")
+    if args.max_memory is not None:
+        parse_size(args.max_memory)
     if args.chunk_detach and not args.chunk_ctx:
         raise RWKVPeftError("--chunk_detach needs --chunk_ctx N: it cuts the gradient between pieces of N tokens")
     if (args.n_layer > 0) != (args.n_embd > 0):
@@ -342,7 +367,6 @@ def markdown_table() -> str:
 
 if __name__ == "__main__":
     # no argument: print the table; a README path: replace the table between its markers
-    import re
     import sys
 
     from ..io import atomic_write

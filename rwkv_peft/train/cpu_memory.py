@@ -22,19 +22,19 @@ Measured on that model (bench/bench_train_memory.py, two runs; same losses in ev
     0          compact       2.7 GB    1.49-1.59x
     1          compact       1.8 GB    1.87-2.21x
 
-By default both are on for models of 20M parameters or more, which is where memory runs
-short on a small machine; smaller models keep the fast path (their steps need little memory).
+By default (auto) the fastest of these whose estimated peak fits the memory free is taken
+(choose_cpu_memory; the estimate: memory_estimate.py).
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import platform
 from dataclasses import dataclass
 
 import torch
 
-from ..model.config import SMALL_MODEL_PARAMS
 from .allocator import describe as describe_malloc, malloc_in_use, user_set_malloc
 
 M_MMAP_THRESHOLD = -3  # mallopt's parameter number, from glibc's malloc.h
@@ -52,26 +52,59 @@ def map_large_blocks(threshold: int = MMAP_THRESHOLD) -> bool:
 
 @dataclass(frozen=True)
 class MemoryChoice:
-    """--grad_cp and --cpu_malloc as this run uses them, and a line for the log when 'auto' chose."""
+    """--grad_cp and --cpu_malloc as this run uses them, and the log's line on why."""
 
     grad_cp: int
     cpu_malloc: str
     note: str | None
 
 
+# (--grad_cp, --cpu_malloc), fastest first (step time 1.00x, 1.07-1.23x, 1.49-1.59x, 1.87-2.21x on
+# the 0.1B shape: the table above); each needs less memory than the one before, roughly
+CPU_SETTINGS = ((0, "default"), (1, "default"), (0, "compact"), (1, "compact"))
+
+
 def choose_cpu_memory(args, model: torch.nn.Module, device: torch.device) -> MemoryChoice:
-    """Resolve --grad_cp and --cpu_malloc 'auto' for this model and device, and apply --cpu_malloc."""
-    n_params = sum(p.numel() for p in model.parameters())
-    large_on_cpu = device.type == "cpu" and n_params >= SMALL_MODEL_PARAMS
-    grad_cp = int(large_on_cpu) if args.grad_cp is None else args.grad_cp
-    cpu_malloc = ("compact" if large_on_cpu else "default") if args.cpu_malloc == "auto" else args.cpu_malloc
-    chosen = (["--grad_cp 1"] if args.grad_cp is None and grad_cp else []) + (
-        ["--cpu_malloc compact"] if args.cpu_malloc == "auto" and large_on_cpu else [])
+    """Resolve --grad_cp and --cpu_malloc 'auto': the fastest setting whose estimated peak fits the
+    memory free (or --max_memory) with a margin; then apply --cpu_malloc. When none fits, the
+    smallest, with a warning: the estimate is within about 15%, and a run that might fit is
+    better tried than refused (one that cannot is refused by args.check_fits_memory)."""
+    from .args import parse_size
+    from .memory_estimate import (MARGIN, cpu_free_bytes, cpu_step_bytes, gpu_step_bytes, peak_rss_bytes,
+                                  rss_bytes, size_text, step_shape, trainer_state_bytes, weights_to_come)
+
+    shape = step_shape(args, model)
+    settings = CPU_SETTINGS if device.type == "cpu" else ((0, "default"), (1, "default"))
+    settings = [(cp, m) for cp, m in settings if args.grad_cp in (None, cp)
+                and (args.cpu_malloc in ("auto", m) or device.type != "cpu")]
+    if device.type == "cpu":
+        held = rss_bytes() + weights_to_come(model) + trainer_state_bytes(shape)
+        started = peak_rss_bytes()  # loading may have peaked higher than a step will
+        estimate = {s: max(started, held + cpu_step_bytes(shape, *s)) for s in settings}
+        free, held_now = cpu_free_bytes() // int(os.environ.get("LOCAL_WORLD_SIZE", 1)), rss_bytes()
+    else:
+        held_now = torch.cuda.memory_allocated(device)
+        held = held_now + trainer_state_bytes(shape)
+        estimate = {s: held + gpu_step_bytes(shape, s[0]) for s in settings}
+        free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - held_now
+    if args.max_memory is not None:
+        budget, of = parse_size(args.max_memory), "--max_memory"
+    else:
+        budget, of = free + held_now, f"{size_text(free)} free + {size_text(held_now)} this process holds"
+    fitting = [s for s in settings if estimate[s] <= MARGIN * budget]
+    grad_cp, cpu_malloc = fitting[0] if fitting else settings[-1]
+    if args.cpu_malloc != "auto":
+        cpu_malloc = args.cpu_malloc
     if cpu_malloc == "compact" and device.type == "cpu":
         map_large_blocks()
-    note = (f"CPU training of {n_params / 1e6:.0f}M parameters: {' and '.join(chosen)} to save memory; "
-            f"for faster steps with more memory pass --grad_cp 0 --cpu_malloc default") if chosen else None
-    return MemoryChoice(grad_cp, cpu_malloc, note)
+    flags = f"--grad_cp {grad_cp}" + (f" --cpu_malloc {cpu_malloc}" if device.type == "cpu" else "")
+    given = args.grad_cp is not None and (args.cpu_malloc != "auto" or device.type != "cpu")
+    est = estimate[grad_cp, cpu_malloc if device.type == "cpu" else "default"]
+    line = f"{flags}{' (given)' if given else ''}: est. peak {size_text(est)} of {size_text(budget)} ({of})"
+    if not fitting:
+        line = (f"warning: {line}, above {MARGIN:.0%} of it; going on with "
+                + ("the setting given" if given else "the setting that needs least"))
+    return MemoryChoice(grad_cp, cpu_malloc, line)
 
 
 def place_model(model: torch.nn.Module, args, device: torch.device, log) -> MemoryChoice:
