@@ -29,7 +29,7 @@ from official_layout import rwkv6_state_dict
 from rwkv_peft import load_model
 from rwkv_peft.peft.adapt import plan_adapters, prepare_peft
 from rwkv_peft.peft.adapter_file import _sampled_fingerprint, describe_base, save_adapter
-from tiny_workspace import COMMON, ROOT, VOCAB, clean_env, make_workspace
+from tiny_workspace import COMMON, ROOT, VOCAB, clean_env, make_workspace, run_cases
 
 pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -141,15 +141,6 @@ def work(tmp_path_factory):
                   if k != "fingerprint_version"} | {"fingerprint": _sampled_fingerprint(base)}
     adapter_for(base, d / "old-format.safetensors", d / "base.pth", base_record=old_record)
     return d
-
-
-def run_cases(work, tmp_path, cases):
-    """Every case {name: (script, args, ...)} through tests/script_cases.py, in one process."""
-    listed = [(name, script, args) for name, (script, args, *_) in cases.items()]
-    (tmp_path / "cases.json").write_text(json.dumps(listed))
-    subprocess.run([sys.executable, str(ROOT / "tests" / "script_cases.py"), str(tmp_path / "cases.json"),
-                    str(tmp_path / "results.json")], cwd=work, env=clean_env(), check=True, timeout=900)
-    return json.loads((tmp_path / "results.json").read_text())
 
 
 def check_refused(out, expected, new=()):
@@ -296,7 +287,9 @@ FOREIGN = {
 
 @pytest.fixture(scope="module")
 def outcomes(work, tmp_path_factory):
-    return run_cases(work, tmp_path_factory.mktemp("cases"), {**SAME, **OS, **FINITE, **FOREIGN})
+    cases = {**SAME, **OS, **FINITE, **FOREIGN}
+    return run_cases(work, [(name, script, args) for name, (script, args, *_) in cases.items()],
+                     files=tmp_path_factory.mktemp("cases"), timeout=900)
 
 
 @pytest.mark.slow

@@ -4,8 +4,6 @@ real train.py, and a real run on the embedded demo that trains, logs and resumes
 
 import json
 import math
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -20,7 +18,7 @@ from rwkv_peft.train.args import parse_args
 from rwkv_peft.train.grpo_objective import GRPO
 from rwkv_peft.train.rewards import contains, exact, load_reward
 from test_grpo import reference_loss
-from tiny_workspace import ROOT, clean_env, losses
+from tiny_workspace import losses, run_cases
 
 pytest.importorskip("deepspeed")
 
@@ -162,10 +160,7 @@ def outcomes(work):
         [] if "--data_file" in args else ["--data_file", str(DEMO_PROMPTS)]), *args, "--proj_dir", f"bad-{n}"])
              for n, (name, (args, _)) in enumerate(BAD.items())]
     cases += [(name, "train", args) for name, args in RUNS.items()]
-    (work / "cases.json").write_text(json.dumps(cases))
-    subprocess.run([sys.executable, str(ROOT / "tests" / "script_cases.py"), "cases.json", "results.json"],
-                   cwd=work, env=clean_env(), check=True, timeout=600)
-    return json.loads((work / "results.json").read_text())
+    return run_cases(work, cases)
 
 
 @pytest.mark.slow

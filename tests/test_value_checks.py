@@ -4,13 +4,11 @@ a --deepspeed_config goes through DeepSpeed's own validation. Each: exit code 2,
 line naming the flag or the file and key, no traceback, nothing written."""
 
 import json
-import subprocess
-import sys
 from dataclasses import fields
 
 import pytest
 
-from tiny_workspace import COMMON, ROOT, clean_env, make_workspace
+from tiny_workspace import COMMON, make_workspace, run_cases
 
 pytest.importorskip("deepspeed")
 
@@ -59,10 +57,7 @@ def outcomes(tmp_path_factory):
         (work / f"{name}.json").write_text(json.dumps(config))
     cases = [(name, script, [*COMMON, "--max_steps", "2", *args] if script == "train" else args)
              for name, (script, args, _) in CASES.items()]
-    (work / "cases.json").write_text(json.dumps(cases))
-    subprocess.run([sys.executable, str(ROOT / "tests" / "script_cases.py"), "cases.json", "results.json"],
-                   cwd=work, env=clean_env(), check=True, timeout=600)
-    return json.loads((work / "results.json").read_text())
+    return run_cases(work, cases)
 
 
 @pytest.mark.slow

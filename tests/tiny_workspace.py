@@ -48,6 +48,16 @@ def clean_env() -> dict:
     return env
 
 
+def run_cases(work: Path, cases: list, *, files: Path | None = None, timeout: int = 600) -> dict:
+    """Every case [name, script, [args]] through tests/script_cases.py in ONE Python process started
+    in work (cases.json and results.json go to files, default work); the results by case name."""
+    files = files or work
+    (files / "cases.json").write_text(json.dumps(cases))
+    subprocess.run([sys.executable, str(ROOT / "tests" / "script_cases.py"), str(files / "cases.json"),
+                    str(files / "results.json")], cwd=work, env=clean_env(), check=True, timeout=timeout)
+    return json.loads((files / "results.json").read_text())
+
+
 def run_script(work: Path, script: str, *args, nproc: int = 1, check: bool = True, timeout: int = 600):
     """Run train.py / merge.py (or torchrun with nproc processes) in work; returns the process."""
     if nproc == 1:

@@ -62,6 +62,23 @@ def pair_segments(record: dict, where: str) -> tuple[list, list]:
     return out[0], out[1]
 
 
+class EpochOrder:
+    """Which item the sample `index` is, over epochs of n items: each epoch a permutation seeded
+    by (seed, stream, epoch), so that any index is found without replaying those before it
+    (what an exact resume needs). The current epoch's permutation is kept."""
+
+    def __init__(self, n: int, seed: int, stream: int):
+        self.n, self.seed, self.stream = n, seed, stream
+        self._epoch, self._order = None, None
+
+    def __call__(self, index: int) -> int:
+        epoch, j = divmod(int(index), self.n)
+        if epoch != self._epoch:
+            rng = np.random.default_rng([self.seed % 2**64, self.stream, epoch])
+            self._epoch, self._order = epoch, rng.permutation(self.n)
+        return int(self._order[j])
+
+
 class PreferenceData:
     """The pairs of one preference file, tokenized (see the module docstring)."""
 
@@ -71,17 +88,14 @@ class PreferenceData:
         self.pairs, self.ctx_len, self.seed, self.tokenizer, self.source = pairs, ctx_len, seed, tokenizer, source
         self.tokens_total = sum(len(c[0]) + len(r[0]) for c, r in pairs)
         self.truncated = sum(len(c[0]) > ctx_len + 1 or len(r[0]) > ctx_len + 1 for c, r in pairs)
-        self._orders: dict = {}  # the current epoch's order of the pairs
+        self._order = EpochOrder(len(pairs), seed, stream=1)
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def pair(self, index: int) -> tuple:
         """((chosen ids, mask), (rejected ids, mask)) of pair `index`, in the order of its epoch."""
-        epoch, j = divmod(int(index), len(self.pairs))
-        if epoch not in self._orders:
-            self._orders = {epoch: np.random.default_rng([self.seed % 2**64, 1, epoch]).permutation(len(self.pairs))}
-        return self.pairs[int(self._orders[epoch][j])]
+        return self.pairs[self._order(index)]
 
     def batch(self, indices: Sequence[int]) -> dict:
         pairs = [self.pair(i) for i in indices]

@@ -18,12 +18,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-
 from rwkv_peft.errors import RWKVPeftError
 
 from .chat_format import CHAT_ASSISTANT, chat_segments, encode_segments
-from .preference import _messages
+from .preference import EpochOrder, _messages
 from .sources import jsonl_records
 
 __all__ = ["PromptData", "load_prompt_data", "prompt_text"]
@@ -50,26 +48,20 @@ class PromptData:
         self.prompts, self.records, self.ctx_len, self.seed = prompts, records, ctx_len, seed
         self.tokenizer, self.source = tokenizer, source
         self.tokens_total = sum(len(p) for p in prompts)
-        self._orders: dict = {}
+        self._order = EpochOrder(len(prompts), seed, stream=2)
 
     def __len__(self) -> int:
         return len(self.prompts)
 
-    def _position(self, index: int) -> int:
-        epoch, j = divmod(int(index), len(self.prompts))
-        if epoch not in self._orders:
-            self._orders = {epoch: np.random.default_rng([self.seed % 2**64, 2, epoch]).permutation(len(self.prompts))}
-        return int(self._orders[epoch][j])
-
     def batch(self, indices: Sequence[int]) -> dict:
         """{"prompt_ids": [ids, ...], "records": [record, ...], "index": [sample index, ...]}."""
-        positions = [self._position(i) for i in indices]
+        positions = [self._order(i) for i in indices]
         return {"prompt_ids": [self.prompts[p] for p in positions], "records": [self.records[p] for p in positions],
                 "index": [int(i) for i in indices]}
 
     def render(self, index: int) -> str:
         """Prompt `index` as the model reads it, and the fields its reward sees (the dry run shows it)."""
-        p = self._position(index)
+        p = self._order(index)
         fields = {k: v for k, v in self.records[p].items() if k != "prompt"}
         return (f"--- prompt {index} of {self.source} ({len(self.prompts[p])} tokens; the completions are "
                 f"sampled after it) ---\n{self.tokenizer.decode(self.prompts[p])}\n[fields for the reward: {fields}]")
