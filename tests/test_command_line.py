@@ -3,15 +3,12 @@ are refused, program names and "next:" hints, error lines after a progress bar, 
 reply was expected to be, the early-stop hint, the trainable share under --quant, and empty
 directories. Installed commands (rwkv-peft-*) are checked in tests/test_package.py."""
 
-import json
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from tiny_workspace import COMMON, ROOT, clean_env, losses, make_workspace, run_script
+from tiny_workspace import COMMON, losses, make_workspace, run_cases, run_script
 
 pytest.importorskip("deepspeed")
 
@@ -42,10 +39,7 @@ def work(tmp_path_factory):
 @pytest.fixture(scope="module")
 def outcomes(work, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cases")
-    (tmp / "cases.json").write_text(json.dumps([(name, script, args) for name, (script, args, *_) in CASES.items()]))
-    subprocess.run([sys.executable, str(ROOT / "tests" / "script_cases.py"), str(tmp / "cases.json"),
-                    str(tmp / "results.json")], cwd=work, env=clean_env(), check=True, timeout=600)
-    return json.loads((tmp / "results.json").read_text())
+    return run_cases(work, [(name, script, args) for name, (script, args, *_) in CASES.items()], files=tmp)
 
 
 @pytest.mark.slow

@@ -26,7 +26,7 @@ from rwkv_peft.export.run import export_files
 from rwkv_peft.io import load_tensor_file
 from rwkv_peft.model.config import infer_config
 from rwkv_peft.peft.adapter_file import describe_base, save_adapter
-from tiny_workspace import clean_env
+from tiny_workspace import clean_env, run_cases
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).parent.parent
@@ -306,7 +306,7 @@ def read_gguf_file(path):
 
 @pytest.mark.slow
 def test_gguf_world_model_has_llama_cpp_names_shapes_metadata_and_vocab(work):
-    gguf = pytest.importorskip("gguf")
+    pytest.importorskip("gguf")
     path = export_files(str(work / "world.pth"), None, str(work / "world.gguf"), "gguf", **QUIET)
     reader, fields, shapes = read_gguf_file(path)
     assert all(k in fields for k in GGUF_KEYS), [k for k in GGUF_KEYS if k not in fields]
@@ -484,10 +484,7 @@ def bad_outcomes(tmp_path_factory):
         (d / name / "adapter_config.json").write_text(json.dumps(config))
         save_file(tensors, d / name / "adapter_model.safetensors")
     cases = [(name, "merge", args) for name, (args, _) in BAD.items()]
-    (d / "cases.json").write_text(json.dumps(cases))
-    subprocess.run([sys.executable, str(ROOT / "tests" / "script_cases.py"), str(d / "cases.json"),
-                    str(d / "results.json")], cwd=d, env=clean_env(), check=True, timeout=600)
-    return json.loads((d / "results.json").read_text())
+    return run_cases(d, cases)
 
 
 @pytest.mark.slow

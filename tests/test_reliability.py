@@ -19,7 +19,7 @@ from official_layout import rwkv7_state_dict
 from rwkv_peft import load_model
 from rwkv_peft.peft.adapt import plan_adapters, prepare_peft
 from rwkv_peft.peft.adapter_file import describe_base, save_adapter
-from tiny_workspace import COMMON, ROOT, clean_env, losses, make_workspace, run_script
+from tiny_workspace import COMMON, ROOT, clean_env, losses, make_workspace, run_cases, run_script
 
 pytest.importorskip("deepspeed")
 
@@ -148,10 +148,7 @@ def outcomes(work, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cases")
     cases = [(name, script, [*COMMON, *TRAIN, *args] if script == "train" else args)
              for name, (script, args, _) in CASES.items()]
-    (tmp / "cases.json").write_text(json.dumps(cases))
-    subprocess.run([sys.executable, str(ROOT / "tests" / "script_cases.py"), str(tmp / "cases.json"),
-                    str(tmp / "results.json")], cwd=work, env=clean_env(), check=True, timeout=600)
-    return json.loads((tmp / "results.json").read_text())
+    return run_cases(work, cases, files=tmp)
 
 
 @pytest.mark.parametrize("case", CASES)
